@@ -1,0 +1,16 @@
+//! The can-dra node daemon: the kubelet DRA plugin and its CDI hook.
+//!
+//! Responsibilities (growing with the project):
+//! - [`cli`]: the daemon's flags, each with an environment variable.
+//! - [`logging`]: `tracing` set-up shared by the binaries (text or JSON).
+//!
+//! The kernel work itself lives in the `can-dra-dataplane` crate; the wire contracts with the
+//! kubelet in `can-dra-proto`; the claim parameters in `can-dra-api`.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod logging;
+
+/// The default driver name; every other name (CDI kind, API group) derives from it.
+pub const DEFAULT_DRIVER_NAME: &str = "can.dra.dev";
