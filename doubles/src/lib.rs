@@ -1,0 +1,13 @@
+//! Test doubles for the two boundaries of can-dra that cannot run on a development machine
+//! without a cluster. They are doubles, not mocks of the product: each speaks the real wire
+//! format of the component it stands in for.
+//!
+//! - [`kubelet`]: a kubelet stand-in that discovers the plugin's registration socket, calls
+//!   `GetInfo` and `NotifyRegistrationStatus`, and drives `NodePrepareResources` /
+//!   `NodeUnprepareResources` over DRA v1 and v1beta1 on the real unix sockets.
+//! - [`apiserver`]: an in-process HTTP Kubernetes API server double that serves and accepts
+//!   real `resource.k8s.io/v1` JSON (ResourceClaims, ResourceSlices, Nodes) and records every
+//!   write so tests can assert on what the daemon did.
+
+pub mod apiserver;
+pub mod kubelet;
