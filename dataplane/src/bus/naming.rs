@@ -1,0 +1,107 @@
+//! Names: the host end of a member's link, and the kernel's rules for interface names.
+//!
+//! The host end is named `cdra` + 11 hex digits of a stable hash of the member id, so the
+//! driver recognises its own links after a restart (by prefix) and finds a member's link again
+//! without a lookup table. The hash is FNV-1a, written out here because `std`'s hasher is not
+//! guaranteed to stay the same across Rust releases.
+
+/// The prefix of every host-side link the driver owns.
+pub const HOST_PREFIX: &str = "cdra";
+
+/// `IFNAMSIZ - 1`: the longest interface name the kernel accepts.
+pub const MAX_INTERFACE_NAME: usize = 15;
+
+const HASH_DIGITS: usize = MAX_INTERFACE_NAME - HOST_PREFIX.len();
+
+/// The host-end interface name for a member id.
+///
+/// ```
+/// use can_dra_dataplane::bus::naming::{host_name, is_owned};
+/// let name = host_name("claim-7/can");
+/// assert_eq!(name.len(), 15);
+/// assert!(is_owned(&name));
+/// assert_eq!(name, host_name("claim-7/can"));
+/// ```
+pub fn host_name(member_id: &str) -> String {
+    let hash = fnv1a64(member_id.as_bytes());
+    let digits = format!("{hash:016x}");
+    format!("{HOST_PREFIX}{}", &digits[..HASH_DIGITS])
+}
+
+/// Whether an interface name has the shape of a host end this driver creates.
+pub fn is_owned(name: &str) -> bool {
+    name.len() == MAX_INTERFACE_NAME
+        && name
+            .strip_prefix(HOST_PREFIX)
+            .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Checks an interface name against the kernel's rules (`dev_valid_name`), so bad input fails
+/// before anything is created. Returns why the name is invalid.
+pub fn check_interface_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > MAX_INTERFACE_NAME {
+        return Err("is longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return Err("is \".\" or \"..\"");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+    {
+        return Err("contains '/', ':', a NUL or whitespace");
+    }
+    Ok(())
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        // Vectors from the FNV reference (draft-eastlake-fnv): "" and "a".
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn host_name_is_prefix_plus_eleven_hex_digits_of_the_hash() {
+        // fnv1a64("a") = af63dc4c8601ec8c: the first 11 digits follow the prefix.
+        assert_eq!(host_name("a"), "cdraaf63dc4c860");
+        assert_ne!(host_name("a"), host_name("b"));
+    }
+
+    #[test]
+    fn only_our_shape_of_name_is_owned() {
+        assert!(is_owned("cdraaf63dc4c860"));
+        assert!(!is_owned("cdra0"), "too short");
+        assert!(!is_owned("cdraxf63dc4c860"), "not hex");
+        assert!(!is_owned("vxcanf63dc4c860"));
+    }
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        assert!(check_interface_name("can0").is_ok());
+        assert!(check_interface_name("a23456789012345").is_ok());
+        assert_eq!(
+            check_interface_name("a234567890123456"),
+            Err("is longer than 15 bytes")
+        );
+        assert!(check_interface_name("").is_err());
+        assert!(check_interface_name("..").is_err());
+        assert!(check_interface_name("can/0").is_err());
+        assert!(check_interface_name("can 0").is_err());
+    }
+}
