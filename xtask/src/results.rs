@@ -186,8 +186,7 @@ pub fn render(stages: &[Stage]) -> String {
         } else {
             format!("{:.1}s", stage.elapsed.as_secs_f64())
         };
-        let _ = writeln!(
-            out,
+        let row = format!(
             "{:<width$}  {:<8} {:>7} {:>7} {:>8} {:>9}  {}",
             stage.name,
             result,
@@ -197,6 +196,7 @@ pub fn render(stages: &[Stage]) -> String {
             time,
             stage.note
         );
+        let _ = writeln!(out, "{}", row.trim_end());
     }
     let totals = totals(stages);
     let _ = writeln!(

@@ -232,7 +232,14 @@ fn lint(name: &str, root: &Path, args: &[&str]) -> Stage {
     let result = cargo().args(args).current_dir(root).status();
     let (status, note) = match result {
         Ok(s) if s.success() => (Status::Passed, String::new()),
-        Ok(s) => (Status::Failed, format!("cargo {} exited with {s}", args[0])),
+        Ok(s) => (
+            Status::Failed,
+            format!(
+                "cargo {} failed (exit code {})",
+                args[0],
+                s.code().unwrap_or(-1)
+            ),
+        ),
         Err(err) => (Status::Failed, format!("cannot run cargo: {err}")),
     };
     stage(name, status, None, started, false, note)
@@ -252,11 +259,17 @@ fn unit_tests(root: &Path, filter: Option<&str>) -> Stage {
     let (status, counts, note) = match process::run_tee(&mut cmd) {
         Ok((exit, output)) => {
             let counts = results::parse_output(&output);
-            judge(exit.success(), &exit.to_string(), counts)
+            judge(exit.success(), &exit_text(exit), counts)
         }
         Err(err) => (Status::Failed, None, format!("{err:#}")),
     };
     stage("unit tests", status, counts, started, false, note)
+}
+
+fn exit_text(status: std::process::ExitStatus) -> String {
+    status
+        .code()
+        .map_or_else(|| status.to_string(), |code| format!("exit code {code}"))
 }
 
 /// Turns an exit status and the parsed counts into a stage result.
@@ -403,7 +416,7 @@ fn run_native(binaries: &[TestBinary], args: &[String]) -> Result<Outcome> {
         let (exit, text) = process::run_tee(&mut cmd)?;
         output.push_str(&text);
         if !exit.success() {
-            failures.push(format!("{} exited with {exit}", binary.name));
+            failures.push(format!("{} failed with {}", binary.name, exit_text(exit)));
         }
     }
     Ok((
@@ -439,7 +452,7 @@ fn run_in_vm(
         eprintln!("==> VM booted in {:.2} s", b.as_secs_f64());
     }
     Ok(match run.outcome {
-        vm::Outcome::Exited(code) => (code == 0, format!("status {code}"), run.stdout, boot),
+        vm::Outcome::Exited(code) => (code == 0, format!("exit code {code}"), run.stdout, boot),
         vm::Outcome::TimedOut => (
             false,
             "a timeout".to_owned(),
