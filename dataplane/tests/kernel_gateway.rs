@@ -218,6 +218,20 @@ fn stats_of(rules: &[GwRuleStats], src: u32, dst: u32) -> Vec<GwRuleStats> {
         .collect()
 }
 
+/// Whether a CAN socket with a match-all filter is bound to `ifname` in `ns`, according to
+/// the kernel's `/proc/net/can/rcvlist_all` of that namespace.
+fn has_receiver(ns: &Ns, ifname: &str) -> bool {
+    let table = ns
+        .netns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/can/rcvlist_all"))
+        .unwrap()
+        .unwrap();
+    // Entries read "  <dev>  <can_id>  <mask>  ..."; an empty list reads "(<dev>: no entry)".
+    table
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(ifname))
+}
+
 /// `candump -L -T` running in a namespace: it ends by itself after a quiet period.
 struct Candump {
     child: Child,
@@ -233,8 +247,17 @@ impl Candump {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Give candump time to bind its socket before frames are sent.
-        std::thread::sleep(Duration::from_millis(1500));
+        // Frames sent before candump has bound its socket would be missed (and a "nothing
+        // arrived" check would pass by accident), so wait until its receive-all filter is
+        // registered on the interface. Nothing else listens in this namespace.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !has_receiver(ns, ifname) {
+            assert!(
+                Instant::now() < deadline,
+                "candump did not bind to {ifname} in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Self { child }
     }
 
