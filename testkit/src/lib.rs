@@ -1,1 +1,24 @@
-//! placeholder
+//! Test support for can-dra's kernel tests.
+//!
+//! It owns the fixtures and the independent observers those tests rely on:
+//! - [`namespace`]: throw-away network namespaces ([`TestNetns`]) removed on drop, and a way to
+//!   run commands inside them.
+//! - [`candump`]: capture frames with `candump -L` and parse them; send with `cansend`.
+//! - [`observe`]: what iproute2 and can-utils report (`ip -d -j link`, `cangw -L`, `tc -s -j`),
+//!   parsed into small structs.
+//!
+//! Everything here shells out on purpose: the product speaks netlink itself, and its tests
+//! check the result with tools that share no code with it. This crate does not depend on the
+//! dataplane crate (which dev-depends on it); tests open a namespace from [`TestNetns::path`].
+//!
+//! Other test topics may add helpers in a file of their own plus one `pub mod` line here.
+
+pub mod candump;
+pub mod command;
+pub mod namespace;
+pub mod observe;
+
+pub use candump::{Candump, CapturedFrame, cansend};
+pub use command::{TestkitError, run};
+pub use namespace::{Host, Namespace, TestNetns, exited_pid};
+pub use observe::{IpLink, add_vcan, cangw_rules, link_in, links_in, tc_qdiscs};
