@@ -127,6 +127,9 @@ pub struct Shaping {
     /// module); `None` leaves the rate unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitrate: Option<u32>,
+    /// CAN FD data-phase bitrate in bit/s (bit rate switching); needs `bitrate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bitrate: Option<u32>,
     /// Added delay in microseconds.
     #[serde(default)]
     pub delay_us: u32,
@@ -205,12 +208,25 @@ impl MemberSpec {
         self.access == Access::ReadWrite
     }
 
-    /// The access policy the host end needs, or `None` when the member is unrestricted.
+    /// The access policy the host end needs, or `None` when the member is unrestricted. The
+    /// policy is in canonical form (sorted, no duplicates, no allow-list when listen-only), the
+    /// form the kernel state reads back as.
     pub fn access_policy(&self) -> Option<AccessPolicy> {
+        let canonical = |filters: &[CanFilter]| {
+            let mut filters = filters.to_vec();
+            filters.sort_unstable();
+            filters.dedup();
+            filters
+        };
+        let listen_only = self.access == Access::ListenOnly;
         let policy = AccessPolicy {
-            listen_only: self.access == Access::ListenOnly,
-            transmit_allow: self.transmit_allow.clone(),
-            receive_filters: self.receive_filters.clone(),
+            listen_only,
+            transmit_allow: if listen_only {
+                Vec::new()
+            } else {
+                canonical(&self.transmit_allow)
+            },
+            receive_filters: canonical(&self.receive_filters),
         };
         (!policy.is_open()).then_some(policy)
     }

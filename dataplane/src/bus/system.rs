@@ -1,19 +1,23 @@
 //! [`SystemKernel`]: the [`Kernel`] trait over the real kernel, through the `link` and
-//! `gateway` modules (and the `shaping` and `access` modules for tc state).
+//! `gateway` modules, and the `shaping` and `access` modules for tc state.
 //!
 //! Namespace handles are opened per operation and never cached: holding one would keep a dead
 //! pod's namespace (and its links) alive.
 
+use std::time::Duration;
+
+use crate::access;
 use crate::gateway::{self, FrameKind, GatewayError, GwRule};
 use crate::link::{CanMtu, LinkError, LinkInfo, Links, VxcanSpec};
 use crate::netlink::RouteSocket;
 use crate::netns::{Netns, NetnsError, NetnsId};
+use crate::shaping;
 
 use super::kernel::{
     AccessCounters, End, FLAG_ECHO, FLAG_FD, FLAG_IIF_TX_OK, HostLink, Kernel, KernelError,
     KernelErrorKind, LinkKind, ObservedRule, PairRequest, PodLink, Rule,
 };
-use super::model::{AccessPolicy, CANFD_MTU, NetnsRef, Shaping};
+use super::model::{AccessPolicy, CANFD_MTU, CanFilter, NetnsRef, Shaping};
 
 /// The hop limit put on every mesh rule: a routed frame is never routed again, whatever
 /// `max_hops` the can-gw module was loaded with, so echoes on a `vcan` cannot become copies.
@@ -228,42 +232,213 @@ impl Kernel for SystemKernel {
         gateway::delete(&mut self.gateway, &exact).map_err(|e| gateway_error(&operation, e))
     }
 
-    fn shaping(&mut self, _end: &End) -> Result<Option<Shaping>, KernelError> {
-        Ok(None)
+    fn shaping(&mut self, end: &End) -> Result<Option<Shaping>, KernelError> {
+        let operation = format!("reading shaping on {end}");
+        let (mut socket, ifindex) = self.end_socket(end, &operation)?;
+        let socket = socket.as_mut().unwrap_or(&mut self.gateway);
+        match shaping::read(socket, ifindex) {
+            Ok(found) => Ok(found.map(|found| from_shaping(&found))),
+            // Someone else's qdisc under our handle: report something no spec equals, so the
+            // caller replaces (or clears) it.
+            Err(shaping::ShapingError::Unrecognised { .. }) => Ok(Some(Shaping {
+                bitrate: Some(0),
+                ..Shaping::default()
+            })),
+            Err(error) => Err(shaping_error(&operation, error)),
+        }
     }
 
-    fn apply_shaping(&mut self, end: &End, _shaping: &Shaping) -> Result<(), KernelError> {
-        Err(unavailable(&format!("shaping {end}"), "shaping"))
+    fn apply_shaping(&mut self, end: &End, wanted: &Shaping) -> Result<(), KernelError> {
+        let operation = format!("shaping {end}");
+        let (mut socket, ifindex) = self.end_socket(end, &operation)?;
+        let socket = socket.as_mut().unwrap_or(&mut self.gateway);
+        shaping::apply(socket, ifindex, &to_shaping(wanted))
+            .map_err(|error| shaping_error(&operation, error))
     }
 
-    fn clear_shaping(&mut self, _end: &End) -> Result<(), KernelError> {
-        Ok(())
+    fn clear_shaping(&mut self, end: &End) -> Result<(), KernelError> {
+        let operation = format!("clearing shaping on {end}");
+        let (mut socket, ifindex) = self.end_socket(end, &operation)?;
+        let socket = socket.as_mut().unwrap_or(&mut self.gateway);
+        shaping::clear(socket, ifindex).map_err(|error| shaping_error(&operation, error))
     }
 
-    fn access(&mut self, _host_name: &str) -> Result<Option<AccessPolicy>, KernelError> {
-        Ok(None)
+    fn access(&mut self, host_name: &str) -> Result<Option<AccessPolicy>, KernelError> {
+        let operation = format!("reading the access policy of {host_name}");
+        let ifindex = self.host_index(host_name, &operation)?;
+        match access::read(&mut self.gateway, ifindex) {
+            Ok(found) => Ok(from_access(&found)),
+            // Filters in a shape the access module does not build: report the open policy,
+            // which no member asks for explicitly, so the caller replaces or clears them.
+            Err(access::AccessError::Unrecognised { .. }) => Ok(Some(AccessPolicy::default())),
+            Err(error) => Err(access_error(&operation, error)),
+        }
     }
 
-    fn apply_access(&mut self, host_name: &str, _policy: &AccessPolicy) -> Result<(), KernelError> {
-        Err(unavailable(
-            &format!("access policy on {host_name}"),
-            "access",
-        ))
+    fn apply_access(&mut self, host_name: &str, policy: &AccessPolicy) -> Result<(), KernelError> {
+        let operation = format!("installing the access policy of {host_name}");
+        let ifindex = self.host_index(host_name, &operation)?;
+        access::apply(&mut self.gateway, ifindex, &to_access(policy))
+            .map_err(|error| access_error(&operation, error))
     }
 
-    fn clear_access(&mut self, _host_name: &str) -> Result<(), KernelError> {
-        Ok(())
+    fn clear_access(&mut self, host_name: &str) -> Result<(), KernelError> {
+        let operation = format!("clearing the access policy of {host_name}");
+        let ifindex = self.host_index(host_name, &operation)?;
+        access::clear(&mut self.gateway, ifindex).map_err(|error| access_error(&operation, error))
     }
 
-    fn access_counters(&mut self, _host_name: &str) -> Result<AccessCounters, KernelError> {
-        Ok(AccessCounters::default())
+    fn access_counters(&mut self, host_name: &str) -> Result<AccessCounters, KernelError> {
+        let operation = format!("reading the access counters of {host_name}");
+        let ifindex = self.host_index(host_name, &operation)?;
+        let counters = access::counters(&mut self.gateway, ifindex)
+            .map_err(|error| access_error(&operation, error))?;
+        Ok(AccessCounters {
+            transmit_dropped: counters.transmit_dropped,
+            receive_dropped: counters.receive_dropped,
+        })
     }
 }
 
-fn unavailable(operation: &str, module: &str) -> KernelError {
-    KernelError::new(
-        operation,
-        KernelErrorKind::Other,
-        format!("the {module} module is not integrated in this build"),
-    )
+impl SystemKernel {
+    fn host_index(&mut self, name: &str, operation: &str) -> Result<u32, KernelError> {
+        self.links
+            .by_name(name)
+            .map_err(|e| link_error(operation, e))?
+            .map(|info| info.index)
+            .ok_or_else(|| KernelError::new(operation, KernelErrorKind::NoDevice, "no such link"))
+    }
+
+    /// The socket and ifindex for one end: the host socket for the host end (`None`), a
+    /// socket opened inside the member's namespace for its end.
+    fn end_socket(
+        &mut self,
+        end: &End,
+        operation: &str,
+    ) -> Result<(Option<RouteSocket>, u32), KernelError> {
+        match end {
+            End::Host { name } => Ok((None, self.host_index(name, operation)?)),
+            End::Pod { netns, interface } => {
+                let handle = open_netns(netns)?;
+                let mut links = Links::open_in(&handle).map_err(|e| link_error(operation, e))?;
+                let ifindex = links
+                    .by_name(interface)
+                    .map_err(|e| link_error(operation, e))?
+                    .map(|info| info.index)
+                    .ok_or_else(|| {
+                        KernelError::new(operation, KernelErrorKind::NoDevice, "no such link")
+                    })?;
+                let socket = RouteSocket::open_in(&handle).map_err(|e| {
+                    KernelError::new(operation, KernelErrorKind::Other, e.to_string())
+                })?;
+                Ok((Some(socket), ifindex))
+            }
+        }
+    }
+}
+
+fn shaping_error(operation: &str, error: shaping::ShapingError) -> KernelError {
+    use shaping::ShapingError as E;
+    let kind = match &error {
+        E::ModuleMissing { module, .. } => KernelErrorKind::ModuleMissing(module),
+        E::NoDevice { .. } => KernelErrorKind::NoDevice,
+        E::PermissionDenied { .. } => KernelErrorKind::Permission,
+        _ => KernelErrorKind::Other,
+    };
+    KernelError::new(operation, kind, error.to_string())
+}
+
+fn access_error(operation: &str, error: access::AccessError) -> KernelError {
+    use access::AccessError as E;
+    let kind = match &error {
+        E::ModuleMissing { .. } => KernelErrorKind::ModuleMissing("cls_basic/em_canid/act_gact"),
+        E::NoDevice { .. } => KernelErrorKind::NoDevice,
+        E::PermissionDenied { .. } => KernelErrorKind::Permission,
+        _ => KernelErrorKind::Other,
+    };
+    KernelError::new(operation, kind, error.to_string())
+}
+
+/// The shaping module's spec for a member's shaping (default queue limit).
+pub fn to_shaping(wanted: &Shaping) -> shaping::Shaping {
+    shaping::Shaping {
+        bitrate: wanted.bitrate,
+        data_bitrate: wanted.data_bitrate,
+        delay: Duration::from_micros(u64::from(wanted.delay_us)),
+        jitter: Duration::from_micros(u64::from(wanted.jitter_us)),
+        loss_ppm: wanted.loss_ppm,
+        duplicate_ppm: wanted.duplicate_ppm,
+        ..shaping::Shaping::default()
+    }
+}
+
+fn micros(duration: Duration) -> u32 {
+    u32::try_from(duration.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// A member shaping from what the shaping module read back.
+pub fn from_shaping(found: &shaping::Shaping) -> Shaping {
+    Shaping {
+        bitrate: found.bitrate,
+        data_bitrate: found.data_bitrate,
+        delay_us: micros(found.delay),
+        jitter_us: micros(found.jitter),
+        loss_ppm: found.loss_ppm,
+        duplicate_ppm: found.duplicate_ppm,
+    }
+}
+
+fn to_match(filter: &CanFilter) -> access::CanMatch {
+    access::CanMatch {
+        id: filter.id,
+        mask: filter.mask,
+        extended: filter.extended,
+        invert: filter.invert,
+    }
+}
+
+fn from_match(entry: &access::CanMatch) -> CanFilter {
+    CanFilter {
+        id: entry.id,
+        mask: entry.mask,
+        extended: entry.extended,
+        invert: entry.invert,
+    }
+}
+
+/// The access module's policy for a member's policy.
+pub fn to_access(policy: &AccessPolicy) -> access::AccessPolicy {
+    let transmit = if policy.listen_only {
+        access::TxPolicy::Nothing
+    } else if policy.transmit_allow.is_empty() {
+        access::TxPolicy::All
+    } else {
+        access::TxPolicy::Allow(policy.transmit_allow.iter().map(to_match).collect())
+    };
+    let receive = (!policy.receive_filters.is_empty())
+        .then(|| policy.receive_filters.iter().map(to_match).collect());
+    access::AccessPolicy { transmit, receive }
+}
+
+/// A member policy from what the access module read back (`None` when unrestricted).
+pub fn from_access(found: &access::AccessPolicy) -> Option<AccessPolicy> {
+    let found = found.normalized();
+    let (listen_only, transmit_allow) = match &found.transmit {
+        access::TxPolicy::All => (false, Vec::new()),
+        access::TxPolicy::Nothing => (true, Vec::new()),
+        access::TxPolicy::Allow(entries) => (false, entries.iter().map(from_match).collect()),
+    };
+    let receive_filters: Vec<CanFilter> = found
+        .receive
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(from_match)
+        .collect();
+    let policy = AccessPolicy {
+        listen_only,
+        transmit_allow,
+        receive_filters,
+    };
+    (!policy.is_open()).then_some(policy)
 }
