@@ -170,12 +170,18 @@ pub enum LinkError {
 }
 
 impl LinkError {
-    /// Turns a netlink failure into a variant a caller can act on.
-    fn from_netlink(operation: String, namespace: &str, source: NetlinkError) -> Self {
+    /// Turns a netlink failure into a variant a caller can act on; `subject` names the link
+    /// the operation was about.
+    fn from_netlink(
+        operation: String,
+        subject: &str,
+        namespace: &str,
+        source: NetlinkError,
+    ) -> Self {
         match source.errno() {
             Some(Errno::EEXIST) => Self::Exists {
                 operation,
-                name: String::new(),
+                name: subject.to_string(),
                 namespace: namespace.to_string(),
             },
             Some(Errno::ENODEV) => Self::NotFound {
@@ -1006,7 +1012,7 @@ impl Links {
                         namespace: peer_namespace,
                     };
                 }
-                LinkError::from_netlink(operation, &self.namespace, source)
+                LinkError::from_netlink(operation, &spec.host_name, &self.namespace, source)
             }
             Some(errno @ (Errno::EOPNOTSUPP | Errno::EAFNOSUPPORT | Errno::EPROTONOSUPPORT)) => {
                 LinkError::ModuleMissing {
@@ -1015,7 +1021,7 @@ impl Links {
                     errno,
                 }
             }
-            _ => LinkError::from_netlink(operation, &self.namespace, source),
+            _ => LinkError::from_netlink(operation, &spec.host_name, &self.namespace, source),
         }
     }
 
@@ -1023,17 +1029,26 @@ impl Links {
     pub fn by_name(&mut self, name: &str) -> Result<Option<LinkInfo>, LinkError> {
         validate_name(name)?;
         let operation = format!("looking up link {name} in {}", self.namespace);
-        self.get(operation, &get_by_name_message(name))
+        self.get(operation, name, &get_by_name_message(name))
     }
 
     /// Looks a link up by index; `Ok(None)` when there is none.
     pub fn by_index(&mut self, index: u32) -> Result<Option<LinkInfo>, LinkError> {
         let operation = format!("looking up link index {index} in {}", self.namespace);
         check_index(&operation, index)?;
-        self.get(operation, &ifinfomsg(index, 0, 0))
+        self.get(
+            operation,
+            &format!("index {index}"),
+            &ifinfomsg(index, 0, 0),
+        )
     }
 
-    fn get(&mut self, operation: String, message: &[u8]) -> Result<Option<LinkInfo>, LinkError> {
+    fn get(
+        &mut self,
+        operation: String,
+        subject: &str,
+        message: &[u8],
+    ) -> Result<Option<LinkInfo>, LinkError> {
         match self.socket.request(RTM_GETLINK, 0, message) {
             Ok(replies) => {
                 let reply = replies
@@ -1051,8 +1066,27 @@ impl Links {
                     })
             }
             Err(error) if error.errno() == Some(Errno::ENODEV) => Ok(None),
-            Err(source) => Err(LinkError::from_netlink(operation, &self.namespace, source)),
+            Err(source) => Err(LinkError::from_netlink(
+                operation,
+                subject,
+                &self.namespace,
+                source,
+            )),
         }
+    }
+
+    /// Sends a change request and maps a refusal to a typed error.
+    fn change(
+        &mut self,
+        message_type: u16,
+        message: &[u8],
+        operation: String,
+        subject: &str,
+    ) -> Result<(), LinkError> {
+        self.socket
+            .request(message_type, 0, message)
+            .map(drop)
+            .map_err(|source| LinkError::from_netlink(operation, subject, &self.namespace, source))
     }
 
     /// Lists every link in the namespace.
@@ -1062,7 +1096,7 @@ impl Links {
             .socket
             .dump(RTM_GETLINK, &ifinfomsg(0, 0, 0))
             .map_err(|source| {
-                LinkError::from_netlink(operation.clone(), &self.namespace, source)
+                LinkError::from_netlink(operation.clone(), "links", &self.namespace, source)
             })?;
         replies
             .iter()
@@ -1080,18 +1114,13 @@ impl Links {
     pub fn delete(&mut self, index: u32) -> Result<(), LinkError> {
         let operation = format!("deleting link index {index} in {}", self.namespace);
         check_index(&operation, index)?;
-        self.socket
-            .request(RTM_DELLINK, 0, &ifinfomsg(index, 0, 0))
-            .map(drop)
-            .map_err(|source| LinkError::from_netlink(operation, &self.namespace, source))
+        let subject = format!("index {index}");
+        self.change(RTM_DELLINK, &ifinfomsg(index, 0, 0), operation, &subject)
     }
 
     fn delete_by_name(&mut self, name: &str) -> Result<(), LinkError> {
         let operation = format!("deleting link {name} in {}", self.namespace);
-        self.socket
-            .request(RTM_DELLINK, 0, &get_by_name_message(name))
-            .map(drop)
-            .map_err(|source| LinkError::from_netlink(operation, &self.namespace, source))
+        self.change(RTM_DELLINK, &get_by_name_message(name), operation, name)
     }
 
     /// Sets a link administratively up or down.
@@ -1099,10 +1128,8 @@ impl Links {
         let state = if up { "up" } else { "down" };
         let operation = format!("setting link index {index} {state} in {}", self.namespace);
         check_index(&operation, index)?;
-        self.socket
-            .request(RTM_NEWLINK, 0, &set_up_message(index, up))
-            .map(drop)
-            .map_err(|source| LinkError::from_netlink(operation, &self.namespace, source))
+        let subject = format!("index {index}");
+        self.change(RTM_NEWLINK, &set_up_message(index, up), operation, &subject)
     }
 
     /// Sets a link's MTU. CAN links change MTU only while down (`Busy` otherwise).
@@ -1112,10 +1139,13 @@ impl Links {
             self.namespace
         );
         check_index(&operation, index)?;
-        self.socket
-            .request(RTM_NEWLINK, 0, &set_mtu_message(index, mtu))
-            .map(drop)
-            .map_err(|source| LinkError::from_netlink(operation, &self.namespace, source))
+        let subject = format!("index {index}");
+        self.change(
+            RTM_NEWLINK,
+            &set_mtu_message(index, mtu),
+            operation,
+            &subject,
+        )
     }
 
     /// Lists the CAN-capable links (`can`, `vcan`, `vxcan`) of the namespace.
@@ -1429,6 +1459,41 @@ mod tests {
         // 15 bytes counted as bytes, not characters: "é" is two bytes.
         assert!(validate_name("ééééééé1").is_ok());
         assert!(validate_name("éééééééé").is_err());
+    }
+
+    #[test]
+    fn kernel_errnos_map_to_actionable_variants_naming_the_object() {
+        let map = |errno| {
+            LinkError::from_netlink(
+                "creating vxcan pair vxa <-> can0 (in netns pod)".to_string(),
+                "vxa",
+                "netns host",
+                NetlinkError::Kernel { errno },
+            )
+        };
+        let exists = map(Errno::EEXIST);
+        assert!(matches!(&exists, LinkError::Exists { name, .. } if name == "vxa"));
+        assert_eq!(
+            exists.to_string(),
+            "creating vxcan pair vxa <-> can0 (in netns pod): link vxa already exists in \
+             netns host (EEXIST)"
+        );
+        assert!(matches!(map(Errno::ENODEV), LinkError::NotFound { .. }));
+        assert!(matches!(
+            map(Errno::EPERM),
+            LinkError::PermissionDenied {
+                errno: Errno::EPERM,
+                ..
+            }
+        ));
+        assert!(matches!(map(Errno::EBUSY), LinkError::Busy { .. }));
+        let other = map(Errno::EINVAL);
+        assert!(matches!(other, LinkError::Netlink { .. }));
+        assert!(
+            other
+                .to_string()
+                .starts_with("creating vxcan pair vxa <-> can0")
+        );
     }
 
     #[test]
