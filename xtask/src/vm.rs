@@ -308,6 +308,7 @@ fn qemu_command(
     ]);
     cmd.arg("-kernel").arg(image).arg("-initrd").arg(initramfs);
     // The console is a separate port, but printk on an emulated UART is slow: keep the kernel quiet unless asked.
+    // The crypto self-tests cost about a second of emulated CPU at every boot and test nothing of ours.
     let loglevel = if options.verbose {
         "loglevel=4"
     } else {
@@ -315,7 +316,9 @@ fn qemu_command(
     };
     cmd.args([
         "-append",
-        &format!("console=ttyS0 {loglevel} panic=-1 rdinit=/init random.trust_cpu=on"),
+        &format!(
+            "console=ttyS0 {loglevel} panic=-1 rdinit=/init random.trust_cpu=on cryptomgr.notests"
+        ),
     ]);
     for (i, sock) in socks.iter().enumerate() {
         cmd.arg("-chardev")
