@@ -12,6 +12,7 @@
 //!
 //! The product never runs `ip`, `tc` or `cangw`; tests use them as independent observers.
 
+pub mod access;
 pub mod bus;
 pub mod gateway;
 pub mod link;
