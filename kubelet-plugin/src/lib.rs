@@ -4,6 +4,8 @@
 //! - [`cli`]: the daemon's flags, each with an environment variable.
 //! - [`logging`]: `tracing` set-up shared by the binaries (text or JSON).
 //! - [`cdi`]: per-claim CDI specs (environment plus the `createRuntime` hook).
+//! - [`checkpoint`]: the versioned, atomically written record of prepared claims.
+//! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
 //!
 //! The kernel work itself lives in the `can-dra-dataplane` crate; the wire contracts with the
@@ -12,9 +14,21 @@
 #![forbid(unsafe_code)]
 
 pub mod cdi;
+pub mod claims;
+pub mod checkpoint;
 pub mod cli;
+pub mod dra;
+pub mod driver;
 pub mod files;
+pub mod health;
+pub mod hook;
+pub mod inventory;
 pub mod logging;
+pub mod registration;
+pub mod server;
+pub mod slices;
+pub mod sockets;
+pub mod status;
 
 /// The default driver name; every other name (CDI kind, API group) derives from it.
 pub const DEFAULT_DRIVER_NAME: &str = "can.dra.dev";

@@ -1,19 +1,33 @@
-//! `can-dra-cdi-hook`: the OCI `createRuntime` hook that CDI specs of can-dra reference.
-//! It reads the OCI state on stdin and asks the node daemon to attach the claim's CAN
-//! member inside the container's network namespace.
+//! `can-dra-cdi-hook`: the OCI `createRuntime` hook that can-dra's CDI specs reference.
+//!
+//! It reads the OCI state of the new container on stdin and asks the node daemon to attach
+//! the claim's CAN member inside the container's network namespace. It fails closed: any
+//! problem is a non-zero exit with a message, so the runtime does not start the container
+//! without its bus.
 
+use std::io::Read;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::bail;
 use clap::Parser;
+
+use can_dra_kubelet_plugin::hook::{self, AttachRequest, HookError, OciState};
 
 /// Attach a can-dra bus member to the container described by the OCI state on stdin.
 #[derive(Debug, Parser)]
 #[command(name = "can-dra-cdi-hook", version, about, long_about = None)]
 struct HookArgs {
-    /// The claim UID whose member to attach.
+    /// The claim UID whose device to attach.
     #[arg(long)]
     claim: String,
+
+    /// The device's ResourceSlice pool.
+    #[arg(long)]
+    pool: String,
+
+    /// The device name in the pool.
+    #[arg(long)]
+    device: String,
 
     /// The node daemon's hook socket.
     #[arg(
@@ -22,14 +36,50 @@ struct HookArgs {
         default_value = "/var/lib/kubelet/plugins/can.dra.dev/hook.sock"
     )]
     socket: PathBuf,
+
+    /// Seconds to wait for the daemon.
+    #[arg(long, default_value_t = hook::ATTACH_TIMEOUT.as_secs())]
+    timeout: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+/// The OCI state is a few hundred bytes; anything far larger is not an OCI state.
+const MAX_STATE: u64 = 1024 * 1024;
+
+fn main() -> ExitCode {
     let args = HookArgs::parse();
-    // Failing closed: a container must never start silently without its bus.
-    bail!(
-        "claim {}: attaching through {} is not part of this build yet; refusing to start the container",
-        args.claim,
-        args.socket.display()
-    )
+    match run(&args) {
+        Ok(message) => {
+            eprintln!(
+                "can-dra: claim {} device {}: {message}",
+                args.claim, args.device
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "can-dra: claim {} device {}/{}: {error}; refusing to start the container without its CAN bus",
+                args.claim, args.pool, args.device
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &HookArgs) -> Result<String, HookError> {
+    let mut state = Vec::new();
+    std::io::stdin().take(MAX_STATE).read_to_end(&mut state)?;
+    let state = OciState::parse(&state)?;
+    let request = AttachRequest {
+        claim_uid: args.claim.clone(),
+        pool: args.pool.clone(),
+        device: args.device.clone(),
+        pid: state.process_id()?,
+        container_id: state.id.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let response = runtime.block_on(hook::request_attach(&args.socket, &request, timeout))?;
+    Ok(response.message)
 }
