@@ -1,0 +1,1138 @@
+//! The running tunnel endpoint: one raw CAN socket, one UDP socket and a peer set that changes
+//! at run time.
+//!
+//! Two tasks move frames:
+//! - **CAN → peers**: read every frame the socket has, then flush the batch (optionally after a
+//!   short window) as MTU-bounded datagrams to every current peer.
+//! - **peers → CAN**: accept datagrams only from current peers, decode them (all or nothing),
+//!   queue the frames in a bounded queue and write them to the CAN socket.
+//!
+//! Loop freedom: the CAN socket has `recv_own_msgs` off, so frames this endpoint writes (which
+//! came from a peer) are never read back and never sent to another peer. Endpoints form a full
+//! mesh and never relay. On a node, the local can-gw mesh does not echo them back either: the
+//! frame enters the mesh through the vxcan peer of the endpoint's interface, each gw rule
+//! forwards it once into a member, and with `max_hops=1` a forwarded frame is not forwarded
+//! again, so nothing returns to the endpoint's interface.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use can_dra_dataplane::netns::{Netns, NetnsError};
+use socketcan::frame::{can_frame_default, canfd_frame_default};
+use socketcan::tokio::CanFdSocket;
+use socketcan::{CanAnyFrame, EmbeddedFrame, Frame as _, SocketOptions};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::codec::{self, CANFD_BRS, CANFD_ESI, Encoder, EncoderError, Frame, RejectReason};
+
+/// The cannelloni default port, used by [`EndpointConfig::new`] docs and examples.
+pub const DEFAULT_PORT: u16 = 20000;
+
+/// How an endpoint is set up. Build with [`EndpointConfig::new`] and adjust fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Where the UDP socket listens; it listens nowhere else. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The CAN interface the endpoint reads and writes (the tunnel end of the bus).
+    pub interface: String,
+    /// Largest UDP payload sent (1472 fits a 1500-byte IPv4 MTU without fragmentation).
+    pub datagram_limit: usize,
+    /// How long a batch may wait for more frames after its first one. Zero (the default)
+    /// flushes as soon as the CAN socket has nothing more to read, which adds no latency.
+    pub batch_window: Duration,
+    /// Most frames read from CAN before a flush, whatever the window says.
+    pub max_batch_frames: usize,
+    /// Most frames from peers waiting for the CAN socket; more are dropped and counted.
+    pub to_can_queue: usize,
+    /// Receive buffer asked for on the UDP socket (the kernel may cap it at `rmem_max`).
+    pub udp_receive_buffer: usize,
+}
+
+impl EndpointConfig {
+    /// Defaults for a listen address and a CAN interface.
+    ///
+    /// ```
+    /// use can_dra_tunnel::EndpointConfig;
+    /// let config = EndpointConfig::new("0.0.0.0:20000".parse().unwrap(), "vxtun0");
+    /// assert_eq!(config.datagram_limit, 1472);
+    /// ```
+    pub fn new(listen: SocketAddr, interface: impl Into<String>) -> Self {
+        Self {
+            listen,
+            interface: interface.into(),
+            datagram_limit: 1472,
+            batch_window: Duration::ZERO,
+            max_batch_frames: 512,
+            to_can_queue: 4096,
+            udp_receive_buffer: 1 << 20,
+        }
+    }
+
+    fn validate(&self) -> Result<(), EndpointError> {
+        let invalid =
+            |field: &'static str, reason: String| EndpointError::InvalidConfig { field, reason };
+        let name = self.interface.as_bytes();
+        if name.is_empty() || name.len() > 15 || name.contains(&b'/') || name.contains(&0) {
+            return Err(invalid(
+                "interface",
+                format!(
+                    "{:?} is not an interface name (1-15 bytes, no '/' or NUL)",
+                    self.interface
+                ),
+            ));
+        }
+        if self.max_batch_frames == 0 {
+            return Err(invalid("max_batch_frames", "must be at least 1".into()));
+        }
+        if self.to_can_queue == 0 {
+            return Err(invalid("to_can_queue", "must be at least 1".into()));
+        }
+        if self.batch_window > Duration::from_secs(1) {
+            return Err(invalid(
+                "batch_window",
+                format!("{:?} is above the 1 s limit", self.batch_window),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the endpoint's sockets are created. `None` means the caller's namespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Namespaces<'a> {
+    /// Namespace of the CAN interface.
+    pub can: Option<&'a Netns>,
+    /// Namespace the UDP socket lives in.
+    pub udp: Option<&'a Netns>,
+}
+
+impl<'a> Namespaces<'a> {
+    /// Both sockets inside `netns`.
+    pub fn both(netns: &'a Netns) -> Self {
+        Self {
+            can: Some(netns),
+            udp: Some(netns),
+        }
+    }
+}
+
+/// Errors from starting or stopping an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// A configuration value is out of range.
+    #[error("invalid tunnel endpoint setting `{field}`: {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The datagram limit is too small.
+    #[error("invalid tunnel endpoint setting `datagram_limit`: {0}")]
+    DatagramLimit(#[from] EncoderError),
+    /// A namespace could not be entered.
+    #[error("tunnel endpoint: {0}")]
+    Netns(#[from] NetnsError),
+    /// The UDP socket could not be bound.
+    #[error("tunnel endpoint: binding UDP {addr}: {source}")]
+    BindUdp {
+        /// The listen address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The CAN interface does not exist (in the namespace where it was looked up).
+    #[error("tunnel endpoint: opening a raw CAN socket on {interface}: interface not found")]
+    InterfaceNotFound {
+        /// The interface name.
+        interface: String,
+    },
+    /// The kernel has no raw CAN sockets.
+    #[error(
+        "tunnel endpoint: opening a raw CAN socket on {interface}: CAN is not supported \
+         (are the `can` and `can-raw` modules loaded?): {source}"
+    )]
+    CanUnsupported {
+        /// The interface name.
+        interface: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another failure opening or configuring the CAN socket.
+    #[error("tunnel endpoint: opening a raw CAN socket on {interface}: {source}")]
+    OpenCan {
+        /// The interface name.
+        interface: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A socket could not be registered with the tokio runtime.
+    #[error("tunnel endpoint: registering the {socket} socket with the runtime: {source}")]
+    Register {
+        /// "CAN" or "UDP".
+        socket: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A forwarding task panicked.
+    #[error("tunnel endpoint: the {task} task failed: {detail}")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// The join error.
+        detail: String,
+    },
+}
+
+/// Why the endpoint dropped something. Datagram reasons count datagrams, frame reasons frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// A datagram from an address that is not a current peer.
+    UnknownSource,
+    /// A malformed datagram from a peer.
+    Rejected(RejectReason),
+    /// An error frame from a peer: it describes the remote controller, not this bus.
+    ErrorFrameFromPeer,
+    /// A frame from a peer found the queue towards CAN full.
+    ToCanQueueFull,
+    /// The CAN socket refused a frame (an FD frame on a Classic-only interface, the interface
+    /// down, ...).
+    CanWriteFailed,
+    /// A datagram could not be sent to a peer (counted once per peer and datagram).
+    UdpSendFailed,
+}
+
+const FIXED_REASONS: [DropReason; 5] = [
+    DropReason::UnknownSource,
+    DropReason::ErrorFrameFromPeer,
+    DropReason::ToCanQueueFull,
+    DropReason::CanWriteFailed,
+    DropReason::UdpSendFailed,
+];
+const REASON_SLOTS: usize = FIXED_REASONS.len() + RejectReason::ALL.len();
+
+impl DropReason {
+    /// Every reason, in a stable order.
+    pub fn all() -> impl Iterator<Item = DropReason> {
+        FIXED_REASONS
+            .into_iter()
+            .chain(RejectReason::ALL.into_iter().map(DropReason::Rejected))
+    }
+
+    fn slot(self) -> usize {
+        match self {
+            DropReason::UnknownSource => 0,
+            DropReason::ErrorFrameFromPeer => 1,
+            DropReason::ToCanQueueFull => 2,
+            DropReason::CanWriteFailed => 3,
+            DropReason::UdpSendFailed => 4,
+            DropReason::Rejected(reason) => FIXED_REASONS.len() + reason.index(),
+        }
+    }
+
+    /// A stable snake_case name, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::Rejected(reason) => reason.as_str(),
+            DropReason::ErrorFrameFromPeer => "error_frame_from_peer",
+            DropReason::ToCanQueueFull => "to_can_queue_full",
+            DropReason::CanWriteFailed => "can_write_failed",
+            DropReason::UdpSendFailed => "udp_send_failed",
+        }
+    }
+}
+
+/// Counters of one peer, as read by [`Endpoint::counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Frames received from the peer and accepted.
+    pub frames_in: u64,
+    /// Datagrams received from the peer and accepted.
+    pub datagrams_in: u64,
+    /// Datagrams received from the peer and rejected as malformed.
+    pub datagrams_rejected: u64,
+    /// Frames sent to the peer.
+    pub frames_out: u64,
+    /// Datagrams sent to the peer.
+    pub datagrams_out: u64,
+    /// Datagrams that could not be sent to the peer.
+    pub send_failures: u64,
+}
+
+/// All counters of an endpoint at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// Frames read from the CAN interface.
+    pub frames_from_can: u64,
+    /// Frames written to the CAN interface.
+    pub frames_to_can: u64,
+    /// Failed reads on the CAN socket (the interface went down or away).
+    pub can_read_errors: u64,
+    /// Current peers and their counters.
+    pub peers: BTreeMap<SocketAddr, PeerCounters>,
+    /// Drops by reason; every reason is present, zeros included.
+    pub drops: BTreeMap<DropReason, u64>,
+}
+
+impl CountersSnapshot {
+    /// The count for one drop reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// Datagrams rejected as malformed, all reasons together.
+    pub fn rejected(&self) -> u64 {
+        RejectReason::ALL
+            .iter()
+            .map(|reason| self.dropped(DropReason::Rejected(*reason)))
+            .sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct PeerStats {
+    frames_in: AtomicU64,
+    datagrams_in: AtomicU64,
+    datagrams_rejected: AtomicU64,
+    frames_out: AtomicU64,
+    datagrams_out: AtomicU64,
+    send_failures: AtomicU64,
+}
+
+impl PeerStats {
+    fn snapshot(&self) -> PeerCounters {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PeerCounters {
+            frames_in: read(&self.frames_in),
+            datagrams_in: read(&self.datagrams_in),
+            datagrams_rejected: read(&self.datagrams_rejected),
+            frames_out: read(&self.frames_out),
+            datagrams_out: read(&self.datagrams_out),
+            send_failures: read(&self.send_failures),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// An IPv4 peer reached through an IPv6 socket shows up as `::ffff:a.b.c.d`: compare the
+/// plain form so either spelling names the same peer.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    addr: SocketAddr,
+    stats: Arc<PeerStats>,
+}
+
+/// The state both tasks and the handle share: the peer set and the counters.
+#[derive(Debug)]
+struct Shared {
+    /// Copy on write: readers clone the `Arc` and never hold the lock while sending.
+    peers: RwLock<Arc<Vec<Peer>>>,
+    frames_from_can: AtomicU64,
+    frames_to_can: AtomicU64,
+    can_read_errors: AtomicU64,
+    drops: [AtomicU64; REASON_SLOTS],
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            peers: RwLock::new(Arc::new(Vec::new())),
+            frames_from_can: AtomicU64::new(0),
+            frames_to_can: AtomicU64::new(0),
+            can_read_errors: AtomicU64::new(0),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn peers(&self) -> Arc<Vec<Peer>> {
+        Arc::clone(&self.peers.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the peer set; peers that stay keep their counters.
+    fn set_peers(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let mut guard = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+        let mut next: Vec<Peer> = Vec::new();
+        for addr in addrs.into_iter().map(canonical) {
+            if next.iter().any(|peer| peer.addr == addr) {
+                continue;
+            }
+            let stats = guard
+                .iter()
+                .find(|peer| peer.addr == addr)
+                .map(|peer| Arc::clone(&peer.stats))
+                .unwrap_or_default();
+            next.push(Peer { addr, stats });
+        }
+        *guard = Arc::new(next);
+    }
+
+    /// The peer a datagram from `source` belongs to: the peer with exactly that address, else
+    /// the first peer with the same IP (a cannelloni peer may send from another port than the
+    /// one it listens on; cannelloni itself checks only the source IP).
+    fn peer_for(&self, source: SocketAddr) -> Option<Peer> {
+        let source = canonical(source);
+        let peers = self.peers();
+        peers
+            .iter()
+            .find(|peer| peer.addr == source)
+            .or_else(|| peers.iter().find(|peer| peer.addr.ip() == source.ip()))
+            .cloned()
+    }
+
+    fn drop_count(&self, reason: DropReason, by: u64) {
+        bump(&self.drops[reason.slot()], by);
+    }
+
+    /// Admits one datagram: checks the source, decodes it and appends its forwardable frames
+    /// to `queue` (bounded by `capacity`). Everything refused is counted.
+    fn admit(
+        &self,
+        source: SocketAddr,
+        datagram: &[u8],
+        scratch: &mut Vec<Frame>,
+        queue: &mut VecDeque<Frame>,
+        capacity: usize,
+    ) {
+        let Some(peer) = self.peer_for(source) else {
+            self.drop_count(DropReason::UnknownSource, 1);
+            tracing::trace!(%source, "datagram from a non-peer dropped");
+            return;
+        };
+        scratch.clear();
+        if let Err(error) = codec::decode(datagram, scratch) {
+            self.drop_count(DropReason::Rejected(error.reason()), 1);
+            bump(&peer.stats.datagrams_rejected, 1);
+            tracing::debug!(%source, %error, "malformed datagram dropped");
+            return;
+        }
+        bump(&peer.stats.datagrams_in, 1);
+        bump(&peer.stats.frames_in, scratch.len() as u64);
+        for frame in scratch.drain(..) {
+            if frame.is_error() {
+                self.drop_count(DropReason::ErrorFrameFromPeer, 1);
+            } else if queue.len() >= capacity {
+                self.drop_count(DropReason::ToCanQueueFull, 1);
+            } else {
+                queue.push_back(frame);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> CountersSnapshot {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CountersSnapshot {
+            frames_from_can: read(&self.frames_from_can),
+            frames_to_can: read(&self.frames_to_can),
+            can_read_errors: read(&self.can_read_errors),
+            peers: self
+                .peers()
+                .iter()
+                .map(|peer| (peer.addr, peer.stats.snapshot()))
+                .collect(),
+            drops: DropReason::all()
+                .map(|reason| (reason, read(&self.drops[reason.slot()])))
+                .collect(),
+        }
+    }
+}
+
+/// A running tunnel endpoint. Stop it with [`Endpoint::shutdown`]; dropping it aborts its
+/// tasks.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), can_dra_tunnel::EndpointError> {
+/// use can_dra_tunnel::{Endpoint, EndpointConfig, Namespaces};
+/// let config = EndpointConfig::new("192.0.2.1:20000".parse().unwrap(), "vxtun0");
+/// let endpoint = Endpoint::start(config, Namespaces::default()).await?;
+/// endpoint.set_peers(["192.0.2.2:20000".parse().unwrap()]);
+/// // ... later
+/// endpoint.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Endpoint {
+    /// Opens the sockets (each inside its namespace, if given) and starts forwarding. Must be
+    /// called inside a tokio runtime. The peer set starts empty.
+    pub async fn start(
+        config: EndpointConfig,
+        namespaces: Namespaces<'_>,
+    ) -> Result<Self, EndpointError> {
+        config.validate()?;
+        let encoder = Encoder::new(config.datagram_limit)?;
+
+        // The socket belongs to the namespace of the thread that creates it; entering the
+        // runtime there lets the socket register with this runtime's reactor.
+        let runtime = tokio::runtime::Handle::current();
+        let can = in_namespace(namespaces.can, || {
+            let _runtime = runtime.enter();
+            open_can(&config.interface)
+        })??;
+        let udp = in_namespace(namespaces.udp, || {
+            bind_udp(config.listen, config.udp_receive_buffer)
+        })??;
+        let udp = UdpSocket::from_std(udp).map_err(|source| EndpointError::Register {
+            socket: "UDP",
+            source,
+        })?;
+        let local_addr = udp.local_addr().map_err(|source| EndpointError::BindUdp {
+            addr: config.listen,
+            source,
+        })?;
+
+        let shared = Arc::new(Shared::new());
+        let can = Arc::new(can);
+        let udp = Arc::new(udp);
+        let (stop, stopped) = watch::channel(false);
+        let outbound = CanToPeers {
+            shared: Arc::clone(&shared),
+            can: Arc::clone(&can),
+            udp: Arc::clone(&udp),
+            encoder,
+            ipv6_socket: local_addr.is_ipv6(),
+            window: config.batch_window,
+            max_batch: config.max_batch_frames,
+        };
+        let inbound = PeersToCan {
+            shared: Arc::clone(&shared),
+            can,
+            udp,
+            capacity: config.to_can_queue,
+        };
+        let tasks = vec![
+            ("CAN to peers", tokio::spawn(outbound.run(stopped.clone()))),
+            ("peers to CAN", tokio::spawn(inbound.run(stopped))),
+        ];
+        tracing::info!(interface = %config.interface, %local_addr, "tunnel endpoint started");
+        Ok(Self {
+            shared,
+            local_addr,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The address the UDP socket is bound to (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Replaces the peer set. Frames go to exactly these peers from now on, and datagrams are
+    /// accepted only from them. Peers that stay keep their counters; duplicates are ignored.
+    pub fn set_peers(&self, peers: impl IntoIterator<Item = SocketAddr>) {
+        self.shared.set_peers(peers);
+        tracing::debug!(peers = ?self.peers(), "tunnel peers changed");
+    }
+
+    /// The current peers, in the order given to [`Endpoint::set_peers`].
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.shared.peers().iter().map(|peer| peer.addr).collect()
+    }
+
+    /// A snapshot of all counters.
+    pub fn counters(&self) -> CountersSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Stops both tasks and waits for them; frames still queued are discarded.
+    pub async fn shutdown(mut self) -> Result<(), EndpointError> {
+        // Ignored error: both receivers gone means both tasks already ended.
+        let _ = self.stop.send(true);
+        let mut result = Ok(());
+        for (task, handle) in self.tasks.drain(..) {
+            if let Err(error) = handle.await {
+                result = Err(EndpointError::TaskFailed {
+                    task,
+                    detail: error.to_string(),
+                });
+            }
+        }
+        tracing::info!(local_addr = %self.local_addr, "tunnel endpoint stopped");
+        result
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        for (_, handle) in &self.tasks {
+            handle.abort();
+        }
+    }
+}
+
+fn in_namespace<T: Send>(
+    netns: Option<&Netns>,
+    work: impl FnOnce() -> T + Send,
+) -> Result<T, NetnsError> {
+    match netns {
+        Some(netns) => netns.run(work),
+        None => Ok(work()),
+    }
+}
+
+fn open_can(interface: &str) -> Result<CanFdSocket, EndpointError> {
+    let failed = |source: io::Error| match source.raw_os_error() {
+        Some(libc::ENODEV) => EndpointError::InterfaceNotFound {
+            interface: interface.to_string(),
+        },
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT) => EndpointError::CanUnsupported {
+            interface: interface.to_string(),
+            source,
+        },
+        _ => EndpointError::OpenCan {
+            interface: interface.to_string(),
+            source,
+        },
+    };
+    let socket = CanFdSocket::open(interface).map_err(failed)?;
+    // Off is the kernel default; set it anyway because loop freedom depends on it.
+    socket.set_recv_own_msgs(false).map_err(failed)?;
+    Ok(socket)
+}
+
+fn bind_udp(
+    listen: SocketAddr,
+    receive_buffer: usize,
+) -> Result<std::net::UdpSocket, EndpointError> {
+    let failed = |source| EndpointError::BindUdp {
+        addr: listen,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(failed)?;
+    socket.set_nonblocking(true).map_err(failed)?;
+    if let Err(error) =
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &receive_buffer)
+    {
+        // Not fatal: the default buffer works, bursts just overflow sooner.
+        tracing::warn!(%error, receive_buffer, "cannot enlarge the UDP receive buffer");
+    }
+    Ok(socket)
+}
+
+/// The codec frame for a frame read from the socket, `None` for error frames (not subscribed,
+/// so not expected).
+fn from_socket(frame: &CanAnyFrame) -> Option<Frame> {
+    match frame {
+        CanAnyFrame::Normal(data) => Frame::classic(data.id_word(), data.data()).ok(),
+        CanAnyFrame::Remote(remote) => {
+            Frame::remote(remote.id_word(), u8::try_from(remote.dlc()).ok()?).ok()
+        }
+        CanAnyFrame::Error(_) => None,
+        CanAnyFrame::Fd(fd) => {
+            let raw = fd.as_ref();
+            let len = usize::from(raw.len).min(raw.data.len());
+            // FDF is implied by the FD bit of `len` on the wire; keep the flags that matter.
+            Frame::fd(
+                raw.can_id,
+                raw.flags & (CANFD_BRS | CANFD_ESI),
+                &raw.data[..len],
+            )
+            .ok()
+        }
+    }
+}
+
+/// The socket frame for a codec frame.
+fn to_socket(frame: &Frame) -> CanAnyFrame {
+    match frame.fd_flags() {
+        Some(flags) => {
+            let mut raw = canfd_frame_default();
+            raw.can_id = frame.can_id();
+            raw.len = frame.len();
+            raw.flags = flags;
+            raw.data[..frame.data().len()].copy_from_slice(frame.data());
+            CanAnyFrame::from(raw)
+        }
+        None => {
+            let mut raw = can_frame_default();
+            raw.can_id = frame.can_id();
+            raw.can_dlc = frame.len();
+            raw.data[..frame.data().len()].copy_from_slice(frame.data());
+            CanAnyFrame::from(raw)
+        }
+    }
+}
+
+/// The CAN → peers task.
+struct CanToPeers {
+    shared: Arc<Shared>,
+    can: Arc<CanFdSocket>,
+    udp: Arc<UdpSocket>,
+    encoder: Encoder,
+    ipv6_socket: bool,
+    window: Duration,
+    max_batch: usize,
+}
+
+/// The result of draining the CAN socket.
+enum Drain {
+    /// Nothing more to read right now.
+    Empty,
+    /// The batch is full.
+    Full,
+    /// The socket failed.
+    Failed(io::Error),
+}
+
+impl CanToPeers {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        let mut batch: Vec<Frame> = Vec::with_capacity(self.max_batch);
+        let mut datagram = Vec::with_capacity(self.encoder.limit());
+        loop {
+            let first = tokio::select! {
+                _ = stopped.changed() => return,
+                read = self.can.read_frame() => read,
+            };
+            let mut outcome = match first {
+                Ok(frame) => {
+                    self.take(&frame, &mut batch);
+                    self.drain(&mut batch)
+                }
+                Err(error) => Drain::Failed(error),
+            };
+            if matches!(outcome, Drain::Empty) && !batch.is_empty() && !self.window.is_zero() {
+                outcome = self.fill_window(&mut batch, &mut stopped).await;
+            }
+            if let Drain::Failed(error) = outcome {
+                bump(&self.shared.can_read_errors, 1);
+                tracing::warn!(%error, "reading the CAN socket failed; retrying shortly");
+                // A vanished or downed interface fails every read: don't spin.
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            if !batch.is_empty() {
+                self.flush(&batch, &mut datagram).await;
+                batch.clear();
+            }
+        }
+    }
+
+    fn take(&self, frame: &CanAnyFrame, batch: &mut Vec<Frame>) {
+        bump(&self.shared.frames_from_can, 1);
+        if let Some(frame) = from_socket(frame) {
+            batch.push(frame);
+        }
+    }
+
+    /// Reads without waiting until the socket is empty or the batch full.
+    fn drain(&self, batch: &mut Vec<Frame>) -> Drain {
+        loop {
+            if batch.len() >= self.max_batch {
+                return Drain::Full;
+            }
+            match self.can.try_read_frame() {
+                Ok(frame) => self.take(&frame, batch),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Drain::Empty,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Drain::Failed(error),
+            }
+        }
+    }
+
+    /// Keeps reading until the window since the batch's first frame closes.
+    async fn fill_window(
+        &self,
+        batch: &mut Vec<Frame>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Drain {
+        let deadline = Instant::now() + self.window;
+        loop {
+            let read = tokio::select! {
+                _ = stopped.changed() => return Drain::Empty,
+                () = tokio::time::sleep_until(deadline) => return Drain::Empty,
+                read = self.can.read_frame() => read,
+            };
+            match read {
+                Ok(frame) => {
+                    self.take(&frame, batch);
+                    match self.drain(batch) {
+                        Drain::Empty => {}
+                        other => return other,
+                    }
+                }
+                Err(error) => return Drain::Failed(error),
+            }
+        }
+    }
+
+    async fn flush(&mut self, batch: &[Frame], datagram: &mut Vec<u8>) {
+        let peers = self.shared.peers();
+        if peers.is_empty() {
+            return;
+        }
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let taken = self.encoder.encode_one(rest, datagram);
+            if taken == 0 {
+                break;
+            }
+            rest = &rest[taken..];
+            for peer in peers.iter() {
+                let target = if self.ipv6_socket {
+                    SocketAddr::new(to_v6(peer.addr.ip()), peer.addr.port())
+                } else {
+                    peer.addr
+                };
+                match self.udp.send_to(datagram, target).await {
+                    Ok(_) => {
+                        bump(&peer.stats.datagrams_out, 1);
+                        bump(&peer.stats.frames_out, taken as u64);
+                    }
+                    Err(error) => {
+                        bump(&peer.stats.send_failures, 1);
+                        self.shared.drop_count(DropReason::UdpSendFailed, 1);
+                        tracing::debug!(peer = %peer.addr, %error, "sending a datagram failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An IPv6 socket reaches IPv4 peers through their mapped address.
+fn to_v6(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+        v6 => v6,
+    }
+}
+
+/// The peers → CAN task.
+struct PeersToCan {
+    shared: Arc<Shared>,
+    can: Arc<CanFdSocket>,
+    udp: Arc<UdpSocket>,
+    capacity: usize,
+}
+
+/// How long to wait before retrying a CAN write the device queue refused (ENOBUFS).
+const CAN_RETRY: Duration = Duration::from_millis(1);
+
+impl PeersToCan {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        // The largest UDP payload: a datagram is never cut short.
+        let mut buffer = vec![0u8; 65_536];
+        let mut scratch = Vec::new();
+        let mut queue: VecDeque<Frame> = VecDeque::new();
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let waiting = retry_at.is_some() && !queue.is_empty();
+            let retry_deadline = retry_at.unwrap_or_else(Instant::now);
+            tokio::select! {
+                biased;
+                _ = stopped.changed() => return,
+                received = self.udp.recv_from(&mut buffer) => match received {
+                    Ok((len, source)) => {
+                        let datagram = buffer.get(..len).unwrap_or_default();
+                        self.shared.admit(source, datagram, &mut scratch, &mut queue, self.capacity);
+                    }
+                    Err(error) => {
+                        // ICMP errors and the like: nothing to do but log and carry on.
+                        tracing::debug!(%error, "receiving a datagram failed");
+                    }
+                },
+                () = tokio::time::sleep_until(retry_deadline), if waiting => retry_at = None,
+            }
+            if retry_at.is_none() {
+                retry_at = self.write_queued(&mut queue);
+            }
+        }
+    }
+
+    /// Writes queued frames until the queue is empty or the device pushes back; returns when
+    /// to retry in the latter case.
+    fn write_queued(&self, queue: &mut VecDeque<Frame>) -> Option<Instant> {
+        while let Some(frame) = queue.front() {
+            match self.can.try_write_frame(&to_socket(frame)) {
+                Ok(()) => {
+                    bump(&self.shared.frames_to_can, 1);
+                    queue.pop_front();
+                }
+                Err(error)
+                    if error.kind() == io::ErrorKind::WouldBlock
+                        || error.raw_os_error() == Some(libc::ENOBUFS) =>
+                {
+                    return Some(Instant::now() + CAN_RETRY);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    self.shared.drop_count(DropReason::CanWriteFailed, 1);
+                    tracing::debug!(%error, can_id = frame.can_id(), "writing a frame to CAN failed");
+                    queue.pop_front();
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CAN_ERR_FLAG;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn datagram(frames: &[Frame]) -> Vec<u8> {
+        Encoder::new(1472).unwrap().encode_all(frames).remove(0)
+    }
+
+    #[test]
+    fn datagrams_from_non_peers_are_dropped_and_counted() {
+        let shared = Shared::new();
+        shared.set_peers([addr("192.0.2.2:20000")]);
+        let mut queue = VecDeque::new();
+        let bytes = datagram(&[Frame::classic(1, &[1]).unwrap()]);
+        shared.admit(
+            addr("192.0.2.9:20000"),
+            &bytes,
+            &mut Vec::new(),
+            &mut queue,
+            10,
+        );
+        assert!(queue.is_empty());
+        let counters = shared.snapshot();
+        assert_eq!(counters.dropped(DropReason::UnknownSource), 1);
+        assert_eq!(
+            counters.peers[&addr("192.0.2.2:20000")],
+            PeerCounters::default()
+        );
+    }
+
+    #[test]
+    fn datagrams_from_peers_are_queued_and_counted_per_peer() {
+        let shared = Shared::new();
+        shared.set_peers([addr("192.0.2.2:20000"), addr("192.0.2.3:20000")]);
+        let mut queue = VecDeque::new();
+        let frames = [
+            Frame::classic(1, &[1]).unwrap(),
+            Frame::fd(2, 0, &[2; 12]).unwrap(),
+        ];
+        shared.admit(
+            addr("192.0.2.3:20000"),
+            &datagram(&frames),
+            &mut Vec::new(),
+            &mut queue,
+            10,
+        );
+        assert_eq!(queue.iter().copied().collect::<Vec<_>>(), frames.to_vec());
+        let counters = shared.snapshot();
+        let peer = counters.peers[&addr("192.0.2.3:20000")];
+        assert_eq!((peer.datagrams_in, peer.frames_in), (1, 2));
+        assert_eq!(counters.peers[&addr("192.0.2.2:20000")].frames_in, 0);
+    }
+
+    #[test]
+    fn a_peer_sending_from_another_port_is_matched_by_ip() {
+        let shared = Shared::new();
+        shared.set_peers([addr("192.0.2.2:20000")]);
+        let mut queue = VecDeque::new();
+        let bytes = datagram(&[Frame::classic(1, &[]).unwrap()]);
+        shared.admit(
+            addr("192.0.2.2:40000"),
+            &bytes,
+            &mut Vec::new(),
+            &mut queue,
+            10,
+        );
+        assert_eq!(queue.len(), 1);
+        // And an IPv4-mapped source on a dual-stack socket is the same peer.
+        shared.admit(
+            addr("[::ffff:192.0.2.2]:20000"),
+            &bytes,
+            &mut Vec::new(),
+            &mut queue,
+            10,
+        );
+        assert_eq!(queue.len(), 2);
+        assert_eq!(
+            shared.snapshot().peers[&addr("192.0.2.2:20000")].datagrams_in,
+            2
+        );
+    }
+
+    #[test]
+    fn exact_address_wins_over_a_shared_ip() {
+        let shared = Shared::new();
+        shared.set_peers([addr("192.0.2.2:20000"), addr("192.0.2.2:20001")]);
+        let bytes = datagram(&[Frame::classic(1, &[]).unwrap()]);
+        shared.admit(
+            addr("192.0.2.2:20001"),
+            &bytes,
+            &mut Vec::new(),
+            &mut VecDeque::new(),
+            10,
+        );
+        let counters = shared.snapshot();
+        assert_eq!(counters.peers[&addr("192.0.2.2:20001")].datagrams_in, 1);
+        assert_eq!(counters.peers[&addr("192.0.2.2:20000")].datagrams_in, 0);
+    }
+
+    #[test]
+    fn removed_peers_are_refused_and_kept_peers_keep_their_counters() {
+        let shared = Shared::new();
+        let (a, b, c) = (
+            addr("192.0.2.2:1"),
+            addr("192.0.2.3:1"),
+            addr("192.0.2.4:1"),
+        );
+        shared.set_peers([a, b]);
+        let bytes = datagram(&[Frame::classic(1, &[]).unwrap()]);
+        let mut queue = VecDeque::new();
+        shared.admit(a, &bytes, &mut Vec::new(), &mut queue, 10);
+        shared.admit(b, &bytes, &mut Vec::new(), &mut queue, 10);
+        shared.set_peers([a, c, a]);
+        let counters = shared.snapshot();
+        assert_eq!(
+            counters.peers.keys().copied().collect::<Vec<_>>(),
+            vec![a, c]
+        );
+        assert_eq!(counters.peers[&a].datagrams_in, 1);
+        shared.admit(b, &bytes, &mut Vec::new(), &mut queue, 10);
+        assert_eq!(shared.snapshot().dropped(DropReason::UnknownSource), 1);
+        // Re-adding b starts it from zero.
+        shared.set_peers([b]);
+        assert_eq!(shared.snapshot().peers[&b], PeerCounters::default());
+    }
+
+    #[test]
+    fn malformed_datagrams_are_counted_by_reason_and_queue_nothing() {
+        let shared = Shared::new();
+        let peer = addr("192.0.2.2:20000");
+        shared.set_peers([peer]);
+        let mut queue = VecDeque::new();
+        for bytes in [
+            &[3u8, 0, 0, 0, 0][..],
+            &[2, 0, 0, 0, 5],
+            &[2, 0, 0, 0, 1, 0, 0, 0, 1, 12],
+        ] {
+            shared.admit(peer, bytes, &mut Vec::new(), &mut queue, 10);
+        }
+        assert!(queue.is_empty());
+        let counters = shared.snapshot();
+        assert_eq!(
+            counters.dropped(DropReason::Rejected(RejectReason::WrongVersion)),
+            1
+        );
+        assert_eq!(
+            counters.dropped(DropReason::Rejected(RejectReason::CountBeyondPayload)),
+            1
+        );
+        assert_eq!(
+            counters.dropped(DropReason::Rejected(RejectReason::OversizedLength)),
+            1
+        );
+        assert_eq!(counters.rejected(), 3);
+        assert_eq!(counters.peers[&peer].datagrams_rejected, 3);
+    }
+
+    #[test]
+    fn the_queue_towards_can_is_bounded() {
+        let shared = Shared::new();
+        let peer = addr("192.0.2.2:20000");
+        shared.set_peers([peer]);
+        let frames: Vec<Frame> = (0..10).map(|i| Frame::classic(i, &[]).unwrap()).collect();
+        let mut queue = VecDeque::new();
+        shared.admit(peer, &datagram(&frames), &mut Vec::new(), &mut queue, 4);
+        assert_eq!(queue.len(), 4);
+        assert_eq!(queue[3].id(), 3, "the oldest frames are kept, in order");
+        assert_eq!(shared.snapshot().dropped(DropReason::ToCanQueueFull), 6);
+    }
+
+    #[test]
+    fn error_frames_from_peers_are_not_put_on_the_bus() {
+        let shared = Shared::new();
+        let peer = addr("192.0.2.2:20000");
+        shared.set_peers([peer]);
+        let frames = [
+            Frame::classic(CAN_ERR_FLAG | 4, &[0; 8]).unwrap(),
+            Frame::classic(5, &[]).unwrap(),
+        ];
+        let mut queue = VecDeque::new();
+        shared.admit(peer, &datagram(&frames), &mut Vec::new(), &mut queue, 10);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(shared.snapshot().dropped(DropReason::ErrorFrameFromPeer), 1);
+    }
+
+    #[test]
+    fn socket_frames_convert_both_ways() {
+        let frames = [
+            Frame::classic(0x123, &[1, 2, 3]).unwrap(),
+            Frame::classic(codec::CAN_EFF_FLAG | 0x1234_5678, &[9; 8]).unwrap(),
+            Frame::remote(0x7ff, 4).unwrap(),
+            Frame::fd(0x42, CANFD_BRS, &[7; 64]).unwrap(),
+        ];
+        for frame in frames {
+            let socket_frame = to_socket(&frame);
+            assert_eq!(socket_frame.is_remote_frame(), frame.is_remote());
+            assert_eq!(from_socket(&socket_frame), Some(frame));
+        }
+        let error = to_socket(&Frame::classic(CAN_ERR_FLAG | 4, &[0; 8]).unwrap());
+        assert_eq!(from_socket(&error), None);
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let mut config = EndpointConfig::new(addr("127.0.0.1:0"), "a-name-longer-than-15");
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`interface`")
+        );
+        config.interface = "vxtun0".into();
+        config.to_can_queue = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`to_can_queue`")
+        );
+    }
+
+    #[tokio::test]
+    async fn start_reports_a_missing_interface_or_missing_can_support() {
+        let config = EndpointConfig::new(addr("127.0.0.1:0"), "nosuchcan0");
+        let error = Endpoint::start(config, Namespaces::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                EndpointError::InterfaceNotFound { .. } | EndpointError::CanUnsupported { .. }
+            ),
+            "{error}"
+        );
+    }
+}

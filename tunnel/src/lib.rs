@@ -1,0 +1,19 @@
+//! The node-to-node CAN tunnel of can-dra.
+//!
+//! A bus that spans nodes has, on each node, one tunnel endpoint that joins the local can-gw
+//! mesh through a CAN interface and exchanges frames with the other nodes' endpoints over UDP.
+//! This crate owns:
+//! - [`codec`]: cannelloni's UDP datagram format (version 2), byte for byte, so an existing
+//!   cannelloni endpoint (a HIL rack, an ESP32 bridge) can be a peer;
+//! - [`endpoint`]: the running endpoint (tokio): one raw CAN socket, one UDP socket, a peer set
+//!   that changes at run time, bounded buffers and counters.
+//!
+//! See `docs/tunnel.md` for the wiring on a node.
+
+pub mod codec;
+pub mod endpoint;
+
+pub use codec::{DecodeError, Encoder, Frame, RejectReason, decode};
+pub use endpoint::{
+    CountersSnapshot, DropReason, Endpoint, EndpointConfig, EndpointError, Namespaces, PeerCounters,
+};
