@@ -117,8 +117,13 @@ pub const FD_REFERENCE_BITS: u32 = 712;
 const PROBABILITY_ONE: u64 = u32::MAX as u64;
 /// One million parts per million.
 pub const PPM_ONE: u32 = 1_000_000;
-/// The default queue limit, in frames (the one `tc` uses for netem).
-pub const DEFAULT_QUEUE_LIMIT: u32 = 1000;
+/// The default queue limit, in frames.
+///
+/// Far below `tc`'s 1000 on purpose: a CAN controller queues a handful of frames, not a second
+/// of traffic, and after a scheduling stall netem releases every overdue frame at once into
+/// the peer's per-CPU backlog, which drops (silently, as `rx_dropped`) beyond
+/// `netdev_max_backlog` (1000 by default).
+pub const DEFAULT_QUEUE_LIMIT: u32 = 100;
 /// netem caps jitter at `INT_MAX` nanoseconds; larger values are rejected here instead.
 const MAX_JITTER_NS: u128 = i32::MAX as u128;
 /// The rate set when only ordering is wanted: zero serialisation time for any frame.
@@ -1095,8 +1100,8 @@ mod tests {
         let expected: Vec<u8> = [
             // tc_netem_qopt.latency: 20 ms = 20 000 000 ns / 64 = 312 500 ticks = 0x0004c4b4.
             &[0xb4, 0xc4, 0x04, 0x00][..],
-            // limit: 1000 = 0x3e8.
-            &[0xe8, 0x03, 0x00, 0x00],
+            // limit: the default 100 = 0x64.
+            &[0x64, 0x00, 0x00, 0x00],
             // loss: round(0.1 × 0xffffffff) = 429 496 730 = 0x1999999a.
             &[0x9a, 0x99, 0x99, 0x19],
             // gap, duplicate, jitter: 0.
