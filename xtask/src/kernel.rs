@@ -449,6 +449,44 @@ mod tests {
         assert!(pos("virtio.ko") < pos("9pnet_virtio.ko"));
     }
 
+    /// A module tree as `depmod` leaves it, with `can` built in and no loadable modules at all.
+    fn fake_kernel(dir: &Path) -> Option<Kernel> {
+        let version = "6.1.0-0-test";
+        let modules = dir.join("root/lib/modules").join(version);
+        fs::create_dir_all(&modules).unwrap();
+        fs::write(modules.join("modules.builtin"), "kernel/net/can/can.ko\n").unwrap();
+        fs::write(modules.join("modules.order"), "").unwrap();
+        fs::write(modules.join("modules.builtin.modinfo"), "").unwrap();
+        let depmod = Command::new("depmod")
+            .arg("-b")
+            .arg(dir.join("root"))
+            .arg(version)
+            .stderr(std::process::Stdio::null())
+            .status();
+        // Without kmod on the host there is nothing to exercise.
+        depmod.ok().filter(|s| s.success())?;
+        Some(Kernel {
+            version: version.into(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    #[test]
+    fn builtin_modules_need_no_file_and_missing_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(kernel) = fake_kernel(dir.path()) else {
+            return;
+        };
+        assert_eq!(
+            load_order(&kernel, &["can"]).unwrap(),
+            vec![ModuleStep::Builtin("can".into())]
+        );
+        let err = load_order(&kernel, &["can", "vxcan"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no module vxcan"), "{err}");
+    }
+
     #[test]
     fn kernel_versions_compare_numerically() {
         assert_eq!(

@@ -173,10 +173,16 @@ pub fn run(options: &Options, script: &str) -> Result<Run> {
     let stdout = String::from_utf8_lossy(&captured.lock().map(|c| c.clone()).unwrap_or_default())
         .into_owned();
     let tail_text = || {
-        console_tail
+        let text = console_tail
             .lock()
             .map(|t| t.iter().cloned().collect::<Vec<String>>().join("\n"))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if text.trim().is_empty() {
+            "(nothing: the kernel printed no message; run with --verbose for its boot log)"
+                .to_owned()
+        } else {
+            text
+        }
     };
 
     let Some(qemu_status) = finished else {
