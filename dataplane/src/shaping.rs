@@ -32,6 +32,12 @@
 //! The price: a frame that follows a slower one closely waits for it (FIFO), so bursts see
 //! less spread than the configured jitter.
 //!
+//! Two kernel effects outside the qdisc are measured and described in `docs/shaping.md`: on
+//! SMP, the peer's per-CPU receive backlogs can still let a frame overtake another (unless
+//! the peer's receive path is steered to one CPU), and a raw socket discards some netem
+//! duplicates as repeated deliveries of the same skb, so [`statistics`] is the reliable count
+//! of duplicates made.
+//!
 //! # Recognising our qdisc
 //!
 //! The qdisc always has the handle [`HANDLE`] (`ca00:`) at the root. [`read`] decodes it back
