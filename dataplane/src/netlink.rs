@@ -218,8 +218,11 @@ impl RouteSocket {
             }
             _ => NetlinkError::Io(error),
         };
-        // Peek first so that a large dump message is never truncated.
-        let mut probe: Vec<u8> = Vec::with_capacity(64);
+        // Peek first so that a large dump message is never truncated. The probe is large on
+        // purpose: the kernel sizes later dump buffers after the reader's largest receive
+        // buffer, and a single object bigger than its default (about 3.7 KiB, e.g. a tc filter
+        // with hundreds of em_canid entries) cannot be dumped at all otherwise (EMSGSIZE).
+        let mut probe: Vec<u8> = Vec::with_capacity(32 * 1024);
         let size = self
             .socket
             .recv(&mut probe, libc::MSG_PEEK | libc::MSG_TRUNC)
