@@ -932,9 +932,17 @@ fn read_hooks(socket: &mut RouteSocket, ifindex: u32) -> Result<[HookState; 2], 
     let mut states: [HookState; 2] = Default::default();
     for (direction, state) in Direction::BOTH.into_iter().zip(states.iter_mut()) {
         let operation = format!("listing the {direction} filters");
-        let replies = socket
-            .dump(RTM_GETTFILTER, &tcmsg(ifindex, 0, direction.hook(), 0))
-            .map_err(|source| classify(ifindex, &operation, &[], source))?;
+        let request = tcmsg(ifindex, 0, direction.hook(), 0);
+        let replies = match socket.dump(RTM_GETTFILTER, &request) {
+            // The kernel sizes a dump's first buffer after the socket's earlier receives; on a
+            // fresh socket a long allow-list does not fit it. The failed answer itself was
+            // received with a large buffer, so a second attempt gets room.
+            Err(error) if error.errno() == Some(Errno::EMSGSIZE) => {
+                socket.dump(RTM_GETTFILTER, &request)
+            }
+            other => other,
+        }
+        .map_err(|source| classify(ifindex, &operation, &[], source))?;
         for reply in replies
             .iter()
             .filter(|reply| reply.message_type == RTM_NEWTFILTER)
