@@ -110,8 +110,22 @@ pub fn add_vcan(ns: &dyn Namespace, name: &str, mtu: u32) -> Result<(), TestkitE
 pub fn cangw_rules(ns: &dyn Namespace) -> Result<Vec<String>, TestkitError> {
     let mut command = ns.command("cangw");
     command.arg("-L");
-    let output = run(&mut command)?;
-    Ok(output
+    let line = crate::command::describe(&command);
+    let output = command.output().map_err(|source| TestkitError::Spawn {
+        command: line.clone(),
+        source,
+    })?;
+    // can-utils 2020.11 exits non-zero after a successful listing (it returns the last
+    // netlink message length); a listing that failed says so on stderr.
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    if !stderr.is_empty() {
+        return Err(TestkitError::Failed {
+            command: line,
+            status: output.status,
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(str::trim)
         .filter(|line| line.starts_with("cangw "))
