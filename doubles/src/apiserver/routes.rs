@@ -1,0 +1,378 @@
+//! The double's HTTP surface: maps Kubernetes REST paths onto [`ENDPOINTS`](super::ENDPOINTS),
+//! decodes bodies into k8s-openapi types, calls the store and records every request.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, Method, StatusCode, Uri, header};
+use k8s_openapi::Resource;
+use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, ResourceClaim, ResourceSlice};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::failure::Failure;
+use super::store::{self, Store};
+use super::{ENDPOINTS, Endpoint, RecordedRequest};
+
+/// State shared by the server task and the test's [`ApiServer`](super::ApiServer) handle.
+pub(crate) type Shared = Arc<Mutex<Store>>;
+
+/// Locks the store; a panic in another request must not hide the state from the test.
+pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, Store> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+const APPLY_PATCH: &str = "application/apply-patch+yaml";
+
+/// Where a request points, parsed from its path.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Target {
+    group: String,
+    resource: String,
+    subresource: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, "v1", rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(*ns), rest),
+        _ => (None, rest),
+    };
+    let (resource, name, subresource) = match rest {
+        [resource] => (*resource, None, None),
+        [resource, name] => (*resource, Some(*name), None),
+        [resource, name, sub] => (*resource, Some(*name), Some(*sub)),
+        _ => return None,
+    };
+    if [Some(resource), namespace, name, subresource]
+        .into_iter()
+        .flatten()
+        .any(str::is_empty)
+    {
+        return None;
+    }
+    Some(Target {
+        group: group.to_owned(),
+        resource: resource.to_owned(),
+        subresource: subresource.map(str::to_owned),
+        namespace: namespace.map(str::to_owned),
+        name: name.map(str::to_owned),
+    })
+}
+
+fn find_endpoint(method: &Method, target: &Target) -> Result<&'static Endpoint, Failure> {
+    let same_resource = |e: &&Endpoint| {
+        e.api_group == target.group
+            && e.resource == target.resource
+            && e.subresource == target.subresource.as_deref()
+            && e.namespaced == target.namespace.is_some()
+            && e.named == target.name.is_some()
+    };
+    let mut candidates = ENDPOINTS.iter().filter(same_resource).peekable();
+    if candidates.peek().is_none() {
+        return Err(Failure::unknown_path());
+    }
+    candidates
+        .find(|e| e.method == method.as_str())
+        .ok_or_else(|| Failure::method_not_allowed(method.as_str(), &target.resource))
+}
+
+/// The single handler behind every path: the double routes by itself so that unknown paths get a
+/// Kubernetes `Status` body, as from kube-apiserver.
+pub(crate) async fn handle(
+    State(shared): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let target = parse_path(uri.path());
+    let endpoint = target
+        .as_ref()
+        .ok_or_else(Failure::unknown_path)
+        .and_then(|t| find_endpoint(&method, t));
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+    let query: Vec<(String, String)> = Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
+    let mut store = lock(&shared);
+    let matched = endpoint.as_ref().ok().copied().copied();
+    let outcome = match (&target, endpoint) {
+        (Some(target), Ok(endpoint)) => serve(
+            &mut store,
+            endpoint,
+            target,
+            &Request {
+                query: &query,
+                content_type: content_type.as_deref(),
+                body: &body,
+            },
+        ),
+        (_, Err(failure)) => Err(failure),
+        (None, Ok(_)) => Err(Failure::unknown_path()),
+    };
+    let (status, response_body) = match outcome {
+        Ok((status, value)) => (status, value),
+        Err(failure) => (failure.code, failure.status_body()),
+    };
+    tracing::debug!(%method, path = uri.path(), status = status.as_u16(), "api server double");
+    store.log.push(RecordedRequest {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        status: status.as_u16(),
+        endpoint: matched,
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        response_body.to_string(),
+    )
+        .into_response()
+}
+
+struct Request<'a> {
+    query: &'a [(String, String)],
+    content_type: Option<&'a str>,
+    body: &'a [u8],
+}
+
+impl Request<'_> {
+    fn param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn reject_watch_and_labels(&self) -> Result<(), Failure> {
+        if matches!(self.param("watch"), Some("true" | "1")) {
+            return Err(Failure::bad_request(
+                "watch is not served by this API server double; list instead",
+            ));
+        }
+        if self.param("labelSelector").is_some_and(|s| !s.is_empty()) {
+            return Err(Failure::bad_request(
+                "labelSelector is not supported by this API server double",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decodes a JSON body into a k8s-openapi type (which also checks apiVersion and kind).
+    fn object<T: DeserializeOwned + Resource>(&self) -> Result<T, Failure> {
+        let value: Value = serde_json::from_slice(self.body)
+            .map_err(|e| Failure::bad_request(format!("body is not JSON: {e}")))?;
+        decode(value)
+    }
+
+    /// Decodes a server-side apply body (YAML, of which JSON is a subset) and its parameters.
+    fn apply(&self) -> Result<(Value, String, bool), Failure> {
+        let content_type = self.content_type.unwrap_or_default();
+        if content_type != APPLY_PATCH {
+            return Err(Failure::unsupported_media_type(content_type));
+        }
+        let manager = self.param("fieldManager").unwrap_or_default();
+        if manager.is_empty() {
+            return Err(Failure::bad_request(
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            ));
+        }
+        let force = matches!(self.param("force"), Some("true" | "1"));
+        let value: Value = match serde_json::from_slice(self.body) {
+            Ok(value) => value,
+            Err(_) => serde_yaml::from_slice(self.body)
+                .map_err(|e| Failure::bad_request(format!("body is neither JSON nor YAML: {e}")))?,
+        };
+        Ok((value, manager.to_owned(), force))
+    }
+}
+
+fn decode<T: DeserializeOwned + Resource>(value: Value) -> Result<T, Failure> {
+    for (key, expected) in [("apiVersion", T::API_VERSION), ("kind", T::KIND)] {
+        let given = value.get(key).and_then(Value::as_str).unwrap_or_default();
+        if given != expected {
+            return Err(Failure::bad_request(format!(
+                "{key} {given:?} does not match the endpoint's {expected:?}"
+            )));
+        }
+    }
+    serde_json::from_value(value)
+        .map_err(|e| Failure::bad_request(format!("cannot decode {}: {e}", T::KIND)))
+}
+
+fn to_json<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+}
+
+fn list<T: serde::Serialize + Resource>(store: &Store, items: &[T]) -> Value {
+    json!({
+        "apiVersion": T::API_VERSION,
+        "kind": format!("{}List", T::KIND),
+        "metadata": { "resourceVersion": store.revision() },
+        "items": items.iter().map(to_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Checks that the name in the body matches the one in the path.
+fn same_name(in_body: Option<&str>, in_path: &str) -> Result<(), Failure> {
+    match in_body {
+        Some(name) if !name.is_empty() && name != in_path => Err(Failure::bad_request(format!(
+            "the name of the object ({name}) does not match the name on the URL ({in_path})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+type Outcome = Result<(StatusCode, Value), Failure>;
+
+fn serve(
+    store: &mut Store,
+    endpoint: &Endpoint,
+    target: &Target,
+    request: &Request<'_>,
+) -> Outcome {
+    let name = target.name.as_deref().unwrap_or_default();
+    let namespace = target.namespace.as_deref().unwrap_or_default();
+    let ok = |value: Value| Ok((StatusCode::OK, value));
+    match (endpoint.resource, endpoint.subresource, endpoint.verb) {
+        ("nodes", None, "get") => ok(to_json(&store.node(name)?)),
+        ("resourceclaims", None, "get") => ok(to_json(&store.claim(namespace, name)?)),
+        ("resourceclaims", None, "list") => {
+            request.reject_watch_and_labels()?;
+            let terms = store::parse_field_selector(
+                request.param("fieldSelector").unwrap_or_default(),
+                &["metadata.name"],
+            )?;
+            let claims = store.list_claims(namespace, &terms);
+            ok(list(store, &claims))
+        }
+        ("resourceclaims", Some("status"), "patch") => {
+            let (value, manager, force) = request.apply()?;
+            let devices = claim_status_devices(value, name)?;
+            ok(to_json(&store.apply_claim_devices(
+                namespace, name, devices, &manager, force,
+            )?))
+        }
+        ("resourceslices", None, "list") => {
+            request.reject_watch_and_labels()?;
+            let terms = store::parse_field_selector(
+                request.param("fieldSelector").unwrap_or_default(),
+                store::SLICE_SELECTABLE,
+            )?;
+            let slices = store.list_slices(&terms);
+            ok(list(store, &slices))
+        }
+        ("resourceslices", None, "get") => ok(to_json(&store.slice(name)?)),
+        ("resourceslices", None, "create") => {
+            let slice: ResourceSlice = request.object()?;
+            Ok((StatusCode::CREATED, to_json(&store.create_slice(slice)?)))
+        }
+        ("resourceslices", None, "update") => {
+            let slice: ResourceSlice = request.object()?;
+            same_name(slice.metadata.name.as_deref(), name)?;
+            let mut slice = slice;
+            slice.metadata.name = Some(name.to_owned());
+            ok(to_json(&store.update_slice(slice)?))
+        }
+        ("resourceslices", None, "patch") => {
+            let (value, _manager, _force) = request.apply()?;
+            let mut slice: ResourceSlice = decode(value)?;
+            same_name(slice.metadata.name.as_deref(), name)?;
+            slice.metadata.name = Some(name.to_owned());
+            let (slice, created) = store.apply_slice(slice)?;
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((code, to_json(&slice)))
+        }
+        ("resourceslices", None, "delete") => ok(to_json(&store.delete_slice(name)?)),
+        _ => Err(Failure::method_not_allowed(
+            endpoint.method,
+            endpoint.resource,
+        )),
+    }
+}
+
+/// Extracts `status.devices` from an apply body for the claim status subresource. The double
+/// only applies that list; anything else under `status` is refused rather than silently dropped,
+/// so a daemon that tries to write allocation or reservations is caught.
+fn claim_status_devices(value: Value, name: &str) -> Result<Vec<AllocatedDeviceStatus>, Failure> {
+    for (key, expected) in [
+        ("apiVersion", ResourceClaim::API_VERSION),
+        ("kind", ResourceClaim::KIND),
+    ] {
+        let given = value.get(key).and_then(Value::as_str).unwrap_or_default();
+        if given != expected {
+            return Err(Failure::bad_request(format!(
+                "{key} {given:?} does not match the endpoint's {expected:?}"
+            )));
+        }
+    }
+    same_name(
+        value.pointer("/metadata/name").and_then(Value::as_str),
+        name,
+    )?;
+    let Some(status) = value.get("status").and_then(Value::as_object) else {
+        return Ok(Vec::new());
+    };
+    if let Some(other) = status.keys().find(|k| k.as_str() != "devices") {
+        return Err(Failure::invalid(
+            "ResourceClaim.resource.k8s.io",
+            name,
+            &format!("status.{other}"),
+            "Forbidden: this double applies status.devices only",
+        ));
+    }
+    match status.get("devices") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(devices) => serde_json::from_value(devices.clone())
+            .map_err(|e| Failure::bad_request(format!("cannot decode status.devices: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse_into_group_resource_namespace_name() {
+        assert_eq!(
+            parse_path("/apis/resource.k8s.io/v1/namespaces/ns/resourceclaims/c/status"),
+            Some(Target {
+                group: "resource.k8s.io".into(),
+                resource: "resourceclaims".into(),
+                subresource: Some("status".into()),
+                namespace: Some("ns".into()),
+                name: Some("c".into()),
+            })
+        );
+        assert_eq!(
+            parse_path("/api/v1/nodes/n1"),
+            Some(Target {
+                resource: "nodes".into(),
+                name: Some("n1".into()),
+                ..Target::default()
+            })
+        );
+        assert_eq!(
+            parse_path("/apis/resource.k8s.io/v1beta1/resourceslices"),
+            None
+        );
+        assert_eq!(parse_path("/healthz"), None);
+    }
+}
