@@ -40,6 +40,9 @@ mod routes;
 mod store;
 pub mod validate;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
