@@ -1,0 +1,235 @@
+//! The RBAC the chart grants matches the API calls each binary makes: every call is allowed, and
+//! nothing beyond them is granted.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+/// (API group, resource or resource/subresource, verb, resource name if restricted).
+type Call = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+);
+
+/// What `can-dra-kubelet-plugin` calls.
+const KUBELET_PLUGIN: &[Call] = &[
+    // Prepare: fetch each claim to check its UID and allocation and read its opaque config.
+    ("resource.k8s.io", "resourceclaims", "get", None),
+    // Keep a cache of the claims allocated on this node.
+    ("resource.k8s.io", "resourceclaims", "list", None),
+    ("resource.k8s.io", "resourceclaims", "watch", None),
+    // Claim status.devices: conditions and networkData.interfaceName.
+    ("resource.k8s.io", "resourceclaims/status", "update", None),
+    ("resource.k8s.io", "resourceclaims/status", "patch", None),
+    // Granular status authorization for a node-local driver, on its own driver name.
+    (
+        "resource.k8s.io",
+        "resourceclaims/driver",
+        "associated-node:update",
+        Some("can.dra.dev"),
+    ),
+    (
+        "resource.k8s.io",
+        "resourceclaims/driver",
+        "associated-node:patch",
+        Some("can.dra.dev"),
+    ),
+    // The Node owns the node's ResourceSlices (its UID goes in ownerReferences).
+    ("", "nodes", "get", None),
+    // Publishing the node's pool.
+    ("resource.k8s.io", "resourceslices", "get", None),
+    ("resource.k8s.io", "resourceslices", "list", None),
+    ("resource.k8s.io", "resourceslices", "watch", None),
+    ("resource.k8s.io", "resourceslices", "create", None),
+    ("resource.k8s.io", "resourceslices", "update", None),
+    ("resource.k8s.io", "resourceslices", "patch", None),
+    ("resource.k8s.io", "resourceslices", "delete", None),
+];
+
+/// What `can-dra-controller` calls.
+const CONTROLLER: &[Call] = &[
+    // Watch CanBus resources (cluster-wide virtual buses).
+    ("can.dra.dev", "canbuses", "get", None),
+    ("can.dra.dev", "canbuses", "list", None),
+    ("can.dra.dev", "canbuses", "watch", None),
+    // Report each bus's members and conditions.
+    ("can.dra.dev", "canbuses/status", "update", None),
+    ("can.dra.dev", "canbuses/status", "patch", None),
+    // Publish the buses' pools, which span nodes, and delete those of removed buses.
+    ("resource.k8s.io", "resourceslices", "get", None),
+    ("resource.k8s.io", "resourceslices", "list", None),
+    ("resource.k8s.io", "resourceslices", "watch", None),
+    ("resource.k8s.io", "resourceslices", "create", None),
+    ("resource.k8s.io", "resourceslices", "update", None),
+    ("resource.k8s.io", "resourceslices", "patch", None),
+    ("resource.k8s.io", "resourceslices", "delete", None),
+    // Which claims hold members of which bus, on which node (tunnel membership).
+    ("resource.k8s.io", "resourceclaims", "get", None),
+    ("resource.k8s.io", "resourceclaims", "list", None),
+    ("resource.k8s.io", "resourceclaims", "watch", None),
+    // Pods consuming those claims, and where they run.
+    ("", "pods", "get", None),
+    ("", "pods", "list", None),
+    ("", "pods", "watch", None),
+    // Nodes come and go: clean up their tunnel endpoints; node selectors of buses.
+    ("", "nodes", "get", None),
+    ("", "nodes", "list", None),
+    ("", "nodes", "watch", None),
+    // Leader election among the replicas (a Lease in the release namespace).
+    ("coordination.k8s.io", "leases", "get", None),
+    ("coordination.k8s.io", "leases", "create", None),
+    ("coordination.k8s.io", "leases", "update", None),
+    // Events about buses and members, through either events API.
+    ("", "events", "create", None),
+    ("", "events", "patch", None),
+    ("events.k8s.io", "events", "create", None),
+    ("events.k8s.io", "events", "patch", None),
+];
+
+/// Every (group, resource, verb, resourceName) the roles bound to `account` grant.
+fn granted(objects: &[Value], account: &str) -> BTreeSet<(String, String, String, Option<String>)> {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for binding in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        let bound = binding["subjects"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == account && s["namespace"] == "can-dra"
+        });
+        if !bound {
+            continue;
+        }
+        let role_ref = &binding["roleRef"];
+        let role = objects
+            .iter()
+            .find(|o| o["kind"] == role_ref["kind"] && o["metadata"]["name"] == role_ref["name"])
+            .unwrap_or_else(|| panic!("binding to a missing role {role_ref}"));
+        for rule in role["rules"].as_array().unwrap() {
+            let names = strings(&rule["resourceNames"]);
+            let names: Vec<Option<String>> = if names.is_empty() {
+                vec![None]
+            } else {
+                names.into_iter().map(Some).collect()
+            };
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        for name in &names {
+                            out.insert((
+                                group.clone(),
+                                resource.clone(),
+                                verb.clone(),
+                                name.clone(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rendered_objects() -> Vec<Value> {
+    common::file_documents(&common::plain_manifests_path())
+        .iter()
+        .map(common::to_json)
+        .collect()
+}
+
+/// The service account a workload of `kind` runs as.
+fn account_of(objects: &[Value], kind: &str) -> String {
+    let workload = objects.iter().find(|o| o["kind"] == kind).unwrap();
+    workload["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn assert_exact(objects: &[Value], account: &str, calls: &[Call]) {
+    let granted = granted(objects, account);
+    assert!(
+        granted
+            .iter()
+            .all(|(g, r, v, _)| !g.contains('*') && !r.contains('*') && !v.contains('*')),
+        "{account}: wildcards in {granted:?}"
+    );
+    let needed: BTreeSet<_> = calls
+        .iter()
+        .map(|(g, r, v, n)| {
+            (
+                g.to_string(),
+                r.to_string(),
+                v.to_string(),
+                n.map(str::to_owned),
+            )
+        })
+        .collect();
+    let missing: Vec<_> = needed.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&needed).collect();
+    assert!(missing.is_empty(), "{account} may not: {missing:?}");
+    assert!(
+        extra.is_empty(),
+        "{account} may also, without need: {extra:?}"
+    );
+}
+
+#[test]
+fn kubelet_plugin_may_make_exactly_its_calls() {
+    let objects = rendered_objects();
+    let account = account_of(&objects, "DaemonSet");
+    assert_exact(&objects, &account, KUBELET_PLUGIN);
+}
+
+#[test]
+fn controller_may_make_exactly_its_calls() {
+    let objects = rendered_objects();
+    let account = account_of(&objects, "Deployment");
+    assert_exact(&objects, &account, CONTROLLER);
+}
+
+#[test]
+fn leader_election_is_limited_to_the_release_namespace() {
+    let objects = rendered_objects();
+    for role in objects.iter().filter(|o| o["kind"] == "ClusterRole") {
+        let text = role["rules"].to_string();
+        assert!(
+            !text.contains("leases"),
+            "{}: cluster-wide leases",
+            role["metadata"]["name"]
+        );
+    }
+    let role = objects
+        .iter()
+        .find(|o| o["kind"] == "Role" && o["rules"].to_string().contains("leases"))
+        .unwrap();
+    assert_eq!(role["metadata"]["namespace"], "can-dra");
+}
+
+#[test]
+fn the_check_sees_a_missing_grant() {
+    let mut objects = rendered_objects();
+    let role = objects
+        .iter_mut()
+        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "can-dra-kubelet-plugin")
+        .unwrap();
+    role["rules"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|r| r["resources"][0] != "nodes");
+    let account = account_of(&objects, "DaemonSet");
+    let result = std::panic::catch_unwind(|| assert_exact(&objects, &account, KUBELET_PLUGIN));
+    let message = *result.unwrap_err().downcast::<String>().unwrap();
+    assert!(message.contains("\"nodes\", \"get\""), "{message}");
+}
