@@ -65,11 +65,15 @@ pub fn cache_dir() -> Result<PathBuf> {
 pub fn ensure(cache: &Path) -> Result<Kernel> {
     let version = match std::env::var("CAN_DRA_VM_KERNEL") {
         Ok(v) if !v.is_empty() => v,
-        _ => match remembered_version(cache).map_or_else(resolve_version, Ok) {
-            Ok(v) => {
+        _ => match remembered_version(cache).map_or_else(
+            || {
+                let v = resolve_version()?;
                 remember_version(cache, &v);
-                v
-            }
+                Ok(v)
+            },
+            Ok,
+        ) {
+            Ok(v) => v,
             Err(err) => match newest_cached(cache) {
                 Some(v) => {
                     eprintln!(
