@@ -16,6 +16,8 @@
 //!   manager's entry needs `force=true`. No `managedFields` are kept.
 //! - No watch, no label selectors, no pagination, no admission, no authentication or RBAC. Field
 //!   selectors support `=`, `==` and `!=` on the fields kube-apiserver offers for the resource.
+//! - [`ApiServer::inject_failure`] makes chosen requests fail (409, 500, ...) to test races and
+//!   outages.
 //! - The served endpoints are listed in [`ENDPOINTS`]; anything else is a 404 (unknown path) or a
 //!   405 (known resource, other verb). Every request, served or not, lands in the request log
 //!   ([`ApiServer::requests`]) with the endpoint it matched, so tests can check RBAC coverage.
@@ -322,6 +324,18 @@ impl ApiServer {
             .filter(|r| r.is_write())
             .cloned()
             .collect()
+    }
+
+    /// Makes the next `times` requests with this method and exact path fail with `code` (and the
+    /// matching `Status` reason, e.g. 409 `Conflict`, 500 `InternalError`) instead of being served.
+    /// They are still logged. For testing how the daemon copes with races and outages.
+    pub fn inject_failure(&self, method: &str, path: &str, code: u16, times: usize) {
+        lock(&self.shared).injected.push(store::InjectedFailure {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            code,
+            remaining: times,
+        });
     }
 
     /// Forgets the request log, e.g. between the set-up and the step under test.

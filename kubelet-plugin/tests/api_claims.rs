@@ -256,3 +256,37 @@ async fn unknown_fields_in_a_config_are_refused_by_name() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_api_server_failure_is_reported_for_that_claim() {
+    let (server, client, _) = server_with_node().await;
+    server.insert_claim(claim(
+        "c",
+        "uid-1",
+        Some((json!([result("a", "can0-m0")]), json!([]))),
+    ));
+    server.inject_failure(
+        "GET",
+        "/apis/resource.k8s.io/v1/namespaces/ns/resourceclaims/c",
+        500,
+        1,
+    );
+    let reader = ClaimReader::new(client, DRIVER);
+    let err = reader
+        .allocated(&claim_ref("c", "uid-1"), &known())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClaimError::Api { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("claim ns/c: cannot read it from the API server:"),
+        "{err}"
+    );
+    // The outage was transient: the next attempt succeeds.
+    assert!(
+        reader
+            .allocated(&claim_ref("c", "uid-1"), &known())
+            .await
+            .is_ok()
+    );
+}

@@ -347,3 +347,67 @@ async fn a_slice_deleted_behind_the_publishers_back_is_recreated() {
     assert_eq!((report.created, report.generation), (1, 1));
     assert_eq!(server.slices().len(), 1);
 }
+
+const SLICE_0: &str = "/apis/resource.k8s.io/v1/resourceslices/node-a-can.dra.dev-0";
+
+#[tokio::test]
+async fn a_conflicting_update_is_retried_from_a_fresh_list() {
+    let (server, client, _) = server_with_node().await;
+    let publisher = SlicePublisher::new(client, DRIVER, NODE);
+    publisher.publish(&small_inventory()).await.unwrap();
+    let mut inventory = small_inventory();
+    inventory.physical[0].state = ControllerState::ErrorPassive;
+    server.inject_failure("PUT", SLICE_0, 409, 1);
+    server.clear_requests();
+
+    let report = publisher.publish(&inventory).await.unwrap();
+    assert_eq!((report.generation, report.updated), (2, 1));
+    let puts: Vec<_> = server
+        .writes()
+        .into_iter()
+        .map(|r| (r.method, r.status))
+        .collect();
+    assert_eq!(puts, [("PUT".to_owned(), 409), ("PUT".to_owned(), 200)]);
+    let lists = server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint.is_some_and(|e| e.verb == "list"))
+        .count();
+    assert_eq!(lists, 2, "the retry starts from a fresh list");
+    assert_eq!(
+        string_attr(device(&server.slices()[0], "can0-m0"), "state"),
+        Some("error-passive")
+    );
+}
+
+#[tokio::test]
+async fn persistent_conflicts_and_server_errors_are_reported() {
+    let (server, client, _) = server_with_node().await;
+    let publisher = SlicePublisher::new(client, DRIVER, NODE);
+    publisher.publish(&small_inventory()).await.unwrap();
+    let mut inventory = small_inventory();
+    inventory.physical[0].state = ControllerState::BusOff;
+    server.inject_failure("PUT", SLICE_0, 409, 10);
+    let err = publisher.publish(&inventory).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot update ResourceSlice node-a-can.dra.dev-0:"),
+        "{err}"
+    );
+    let attempts = server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(attempts, 3);
+
+    // A server error is not a race: reported at once, without retrying.
+    let (server, client, _) = server_with_node().await;
+    server.inject_failure("GET", "/apis/resource.k8s.io/v1/resourceslices", 500, 1);
+    let err = SlicePublisher::new(client, DRIVER, NODE)
+        .publish(&small_inventory())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SliceError::List { .. }), "{err:?}");
+    assert!(server.slices().is_empty());
+}

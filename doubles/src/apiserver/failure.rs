@@ -49,6 +49,27 @@ impl Failure {
         .about(resource, name)
     }
 
+    /// A failure a test asked for, with the reason kube-apiserver gives that status code.
+    pub(crate) fn injected(code: u16) -> Self {
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let reason = match code.as_u16() {
+            400 => "BadRequest",
+            403 => "Forbidden",
+            404 => "NotFound",
+            409 => "Conflict",
+            422 => "Invalid",
+            429 => "TooManyRequests",
+            503 => "ServiceUnavailable",
+            504 => "Timeout",
+            _ => "InternalError",
+        };
+        Self::new(
+            code,
+            reason,
+            format!("failure injected by the test ({code})"),
+        )
+    }
+
     /// 405 for a known resource path and a verb the double does not serve.
     pub(crate) fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(

@@ -107,8 +107,10 @@ pub(crate) async fn handle(
     let query: Vec<(String, String)> = Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
     let mut store = lock(&shared);
     let matched = endpoint.as_ref().ok().copied().copied();
-    let outcome = match (&target, endpoint) {
-        (Some(target), Ok(endpoint)) => serve(
+    let injected = store.take_injected(method.as_str(), uri.path());
+    let outcome = match (injected, &target, endpoint) {
+        (Some(code), _, _) => Err(Failure::injected(code)),
+        (None, Some(target), Ok(endpoint)) => serve(
             &mut store,
             endpoint,
             target,
@@ -118,8 +120,8 @@ pub(crate) async fn handle(
                 body: &body,
             },
         ),
-        (_, Err(failure)) => Err(failure),
-        (None, Ok(_)) => Err(Failure::unknown_path()),
+        (None, _, Err(failure)) => Err(failure),
+        (None, None, Ok(_)) => Err(Failure::unknown_path()),
     };
     let (status, response_body) = match outcome {
         Ok((status, value)) => (status, value),

@@ -110,6 +110,30 @@ pub(crate) struct Store {
     pub(crate) claims: BTreeMap<(String, String), StoredClaim>,
     pub(crate) slices: BTreeMap<String, ResourceSlice>,
     pub(crate) log: Vec<RecordedRequest>,
+    pub(crate) injected: Vec<InjectedFailure>,
+}
+
+/// A failure the next matching requests get instead of being served.
+#[derive(Debug, Clone)]
+pub(crate) struct InjectedFailure {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) code: u16,
+    pub(crate) remaining: usize,
+}
+
+impl Store {
+    /// Takes one use of an injected failure matching the request, if any.
+    pub(crate) fn take_injected(&mut self, method: &str, path: &str) -> Option<u16> {
+        let hit = self
+            .injected
+            .iter_mut()
+            .find(|f| f.remaining > 0 && f.method == method && f.path == path)?;
+        hit.remaining -= 1;
+        let code = hit.code;
+        self.injected.retain(|f| f.remaining > 0);
+        Some(code)
+    }
 }
 
 impl Store {
