@@ -1,5 +1,8 @@
 //! The chart renders, and the plain manifests are exactly its rendering with default values.
 
+// Test helpers outside #[test] functions panic on bad input by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use can_dra_deploy::{chart_dir, plain_manifests};

@@ -1,5 +1,8 @@
 //! The kind demo's cluster enables what the manifests need, and its script is sound.
 
+// Test helpers outside #[test] functions panic on bad input by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -141,7 +144,7 @@ fn the_gate_check_sees_a_missing_gate() {
             "deviceClassName": "can.dra.dev", "tolerations": [{"operator": "Exists"}]}}]}}
     });
     assert_eq!(
-        missing_gates(&[claim.clone()], &config),
+        missing_gates(std::slice::from_ref(&claim), &config),
         ["DRADeviceTaints"]
     );
     config["featureGates"]["DRADeviceTaints"] = Value::Bool(true);

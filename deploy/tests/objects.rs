@@ -2,6 +2,9 @@
 //! in the chart's renderings) is a valid object of its k8s-openapi type, with no field the type
 //! does not know: a misspelt field would otherwise be dropped silently by the API server.
 
+// Test helpers outside #[test] functions panic on bad input by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use k8s_openapi::Resource;

@@ -2,6 +2,9 @@
 //! demos and the chart is a valid `MemberConfig`, and every NodeConfig is a valid `NodeConfig`
 //! that publishes what the demos select.
 
+// Test helpers outside #[test] functions panic on bad input by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use can_dra_api::{MemberConfig, NodeConfig};

@@ -1,6 +1,9 @@
 //! The RBAC the chart grants matches the API calls each binary makes: every call is allowed, and
 //! nothing beyond them is granted.
 
+// Test helpers outside #[test] functions panic on bad input by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeSet;
