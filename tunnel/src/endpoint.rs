@@ -51,8 +51,12 @@ pub struct EndpointConfig {
     pub max_batch_frames: usize,
     /// Most frames from peers waiting for the CAN socket; more are dropped and counted.
     pub to_can_queue: usize,
-    /// Receive buffer asked for on the UDP socket (the kernel may cap it at `rmem_max`).
+    /// Receive buffer asked for on the UDP socket. With CAP_NET_ADMIN it is forced past
+    /// `net.core.rmem_max`; without, the kernel caps it there.
     pub udp_receive_buffer: usize,
+    /// Receive buffer asked for on the CAN socket, the same way: it absorbs bursts on the bus
+    /// while a batch is being sent.
+    pub can_receive_buffer: usize,
 }
 
 impl EndpointConfig {
@@ -72,6 +76,7 @@ impl EndpointConfig {
             max_batch_frames: 512,
             to_can_queue: 4096,
             udp_receive_buffer: 1 << 20,
+            can_receive_buffer: 1 << 20,
         }
     }
 
@@ -491,7 +496,7 @@ impl Endpoint {
         let runtime = tokio::runtime::Handle::current();
         let can = in_namespace(namespaces.can, || {
             let _runtime = runtime.enter();
-            open_can(&config.interface)
+            open_can(&config.interface, config.can_receive_buffer)
         })??;
         let udp = in_namespace(namespaces.udp, || {
             bind_udp(config.listen, config.udp_receive_buffer)
@@ -595,7 +600,7 @@ fn in_namespace<T: Send>(
     }
 }
 
-fn open_can(interface: &str) -> Result<CanFdSocket, EndpointError> {
+fn open_can(interface: &str, receive_buffer: usize) -> Result<CanFdSocket, EndpointError> {
     let failed = |source: io::Error| match source.raw_os_error() {
         Some(libc::ENODEV) => EndpointError::InterfaceNotFound {
             interface: interface.to_string(),
@@ -612,6 +617,14 @@ fn open_can(interface: &str) -> Result<CanFdSocket, EndpointError> {
     let socket = CanFdSocket::open(interface).map_err(failed)?;
     // Off is the kernel default; set it anyway because loop freedom depends on it.
     socket.set_recv_own_msgs(false).map_err(failed)?;
+    let size = libc::c_int::try_from(receive_buffer).unwrap_or(libc::c_int::MAX);
+    let forced = socket.set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size);
+    if forced.is_err()
+        && let Err(error) = socket.set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUF, size)
+    {
+        // Not fatal: the default buffer works, bursts just overflow sooner.
+        tracing::warn!(%error, receive_buffer, "cannot enlarge the CAN receive buffer");
+    }
     Ok(socket)
 }
 
@@ -625,8 +638,9 @@ fn bind_udp(
     };
     let socket = std::net::UdpSocket::bind(listen).map_err(failed)?;
     socket.set_nonblocking(true).map_err(failed)?;
-    if let Err(error) =
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &receive_buffer)
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&socket, sockopt::RcvBufForce, &receive_buffer).is_err()
+        && let Err(error) = setsockopt(&socket, sockopt::RcvBuf, &receive_buffer)
     {
         // Not fatal: the default buffer works, bursts just overflow sooner.
         tracing::warn!(%error, receive_buffer, "cannot enlarge the UDP receive buffer");

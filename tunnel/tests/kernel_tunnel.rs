@@ -2,6 +2,8 @@
 //! (addresses from 192.0.2.0/24, TEST-NET-1, only inside these namespaces), each with a vcan
 //! "bus" and an endpoint on it. can-utils (`cansend`, `candump`) put frames on the buses and
 //! observe them; a Python peer written from the format description checks interoperability.
+// Test helpers: a failed step should fail the test right there.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
