@@ -2,10 +2,11 @@
 //!
 //! It owns the project's test command (`cargo xtask test`: lints, unit tests, then the kernel tests natively or
 //! in a VM) and the VM harness that runs commands under Debian's stock kernel with the CAN modules loaded
-//! (`cargo xtask vm -- CMD`). See `docs/testing.md`.
+//! (`cargo xtask vm -- CMD`), and the README's main command (`cargo xtask demo`). See `docs/testing.md`.
 
 mod artifacts;
 mod cpio;
+mod demo;
 mod initramfs;
 mod kernel;
 mod prerequisites;
@@ -37,6 +38,9 @@ enum Task {
     Test(TestArgs),
     /// Only the kernel tests (`kernel_*` integration-test targets, run with `--ignored`).
     KernelTests(KernelTestArgs),
+    /// The README's main command: the local demo (pods sharing a CAN bus) on the real kernel, natively when the
+    /// host kernel has CAN, else in the VM.
+    Demo(VmFlags),
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,6 +142,7 @@ fn main() {
             );
             suite::run(&options).map(exit_code)
         }
+        Task::Demo(flags) => demo::run(&flags.options()).map(exit_code),
         Task::KernelTests(args) => {
             suite::run_kernel_only(&args.options(false, false, true)).map(exit_code)
         }

@@ -126,14 +126,14 @@ pub fn run_kernel_only(options: &Options) -> Result<bool> {
 }
 
 /// The workspace root: this crate lives in `<root>/xtask`.
-fn workspace_root() -> Result<PathBuf> {
+pub(crate) fn workspace_root() -> Result<PathBuf> {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .context("xtask has no parent directory")
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -167,7 +167,7 @@ fn not_run(name: &str, kernel: bool, why: &str) -> Stage {
 }
 
 /// Checks the observer tools, decides the mode and, for the VM, fetches the kernel and builds the initramfs.
-fn prepare_kernel_tests() -> Result<(Mode, String)> {
+pub(crate) fn prepare_kernel_tests() -> Result<(Mode, String)> {
     eprintln!("==> checking prerequisites");
     prerequisites::ensure(prerequisites::OBSERVERS)?;
     let (mode, why) = choose_mode()?;
