@@ -14,8 +14,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cdi;
-pub mod claims;
 pub mod checkpoint;
+pub mod claims;
 pub mod cli;
 pub mod dra;
 pub mod driver;
