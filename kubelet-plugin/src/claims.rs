@@ -15,21 +15,11 @@ use can_dra_api::{ConfigError, MemberConfig, ResolvedMember};
 use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
 use kube::{Api, Client};
 
-/// The claim identity the kubelet sends (`namespace`, `uid`, `name` of the DRA `Claim` message).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClaimRef {
-    /// The claim's namespace.
-    pub namespace: String,
-    /// The UID the kubelet expects.
-    pub uid: String,
-    /// The claim's name.
-    pub name: String,
-}
+pub use crate::driver::ClaimRef;
 
-impl fmt::Display for ClaimRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
+/// `namespace/name`, the way every message of this module names a claim.
+pub(crate) fn label(claim: &ClaimRef) -> String {
+    format!("{}/{}", claim.namespace, claim.name)
 }
 
 /// One device allocated to this driver in a claim, with its member configuration resolved.
@@ -212,11 +202,11 @@ impl ClaimReader {
             .get_opt(&claim.name)
             .await
             .map_err(|source| ClaimError::Api {
-                claim: claim.to_string(),
+                claim: label(claim),
                 source,
             })?
             .ok_or_else(|| ClaimError::NotFound {
-                claim: claim.to_string(),
+                claim: label(claim),
             })?;
         check(claim, &found)?;
         Ok(found)
@@ -243,7 +233,7 @@ pub fn check(claim: &ClaimRef, found: &ResourceClaim) -> Result<(), ClaimError> 
     let actual = found.metadata.uid.as_deref().unwrap_or_default();
     if actual != claim.uid {
         return Err(ClaimError::Replaced {
-            claim: claim.to_string(),
+            claim: label(claim),
             actual: actual.to_owned(),
             expected: claim.uid.clone(),
         });
@@ -255,7 +245,7 @@ pub fn check(claim: &ClaimRef, found: &ResourceClaim) -> Result<(), ClaimError> 
         .is_none()
     {
         return Err(ClaimError::NotAllocated {
-            claim: claim.to_string(),
+            claim: label(claim),
         });
     }
     Ok(())
@@ -300,7 +290,7 @@ pub fn resolve_members(
     driver: &str,
     known: &KnownDevices,
 ) -> Result<Vec<AllocatedMember>, ClaimError> {
-    let name = claim.to_string();
+    let name = label(claim);
     let Some(devices) = found
         .status
         .as_ref()

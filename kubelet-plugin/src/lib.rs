@@ -6,6 +6,7 @@
 //! - [`cdi`]: per-claim CDI specs (environment plus the `createRuntime` hook).
 //! - [`checkpoint`]: the versioned, atomically written record of prepared claims.
 //! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
+//! - [`node`]: the node driver joining claims, checkpoint, CDI, status and the data plane.
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
 //!
 //! The kernel work itself lives in the `can-dra-dataplane` crate; the wire contracts with the
@@ -24,6 +25,7 @@ pub mod health;
 pub mod hook;
 pub mod inventory;
 pub mod logging;
+pub mod node;
 pub mod registration;
 pub mod server;
 pub mod slices;

@@ -190,7 +190,7 @@ impl StatusWriter {
             .patch_status(&claim.name, &self.params(), &Patch::Apply(&body))
             .await
             .map_err(|source| StatusError::Api {
-                claim: claim.to_string(),
+                claim: crate::claims::label(claim),
                 action: "write",
                 source,
             })?;
@@ -206,7 +206,7 @@ impl StatusWriter {
             .get_opt(&claim.name)
             .await
             .map_err(|source| StatusError::Api {
-                claim: claim.to_string(),
+                claim: crate::claims::label(claim),
                 action: "read",
                 source,
             })?;
@@ -230,7 +230,7 @@ impl StatusWriter {
             Ok(_) => Ok(Cleared::Removed),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(Cleared::NothingToDo),
             Err(source) => Err(StatusError::Api {
-                claim: claim.to_string(),
+                claim: crate::claims::label(claim),
                 action: "write",
                 source,
             }),

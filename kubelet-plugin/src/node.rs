@@ -1,0 +1,667 @@
+//! The node driver: joins the claim reader, the checkpoint, the CDI writer, the status writer and
+//! the data plane behind the [`Driver`] seam the gRPC layer calls, and answers the CDI hook
+//! ([`Attacher`]).
+//!
+//! Prepare validates and persists; it never touches the kernel, because the pod's network
+//! namespace does not exist yet. The member is created later, when the CDI hook reports the
+//! container's pid ([`NodeDriver::attach`]). Unprepare undoes both.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use can_dra_api::{FrameFormat, ResolvedMember, ShapingDirection};
+use can_dra_dataplane::bus::Buses;
+use can_dra_dataplane::bus::model::{Access, BusSpec, CanFilter, MemberSpec, NetnsRef, Shaping};
+use can_dra_dataplane::bus::system::SystemKernel;
+use can_dra_dataplane::link::{CanController, CanState};
+use can_dra_dataplane::netns::Netns;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+
+use crate::cdi::{CdiWriter, ClaimDevice};
+use crate::checkpoint::CheckpointStore;
+use crate::claims::{ClaimReader, KnownDevices};
+use crate::driver::{
+    ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
+};
+use crate::hook::{AttachRequest, Attacher};
+use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
+use crate::status::{DeviceReady, StatusWriter};
+
+/// The checkpointed state of the node: every prepared claim, by UID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    /// Prepared claims by UID.
+    #[serde(default)]
+    pub claims: BTreeMap<ClaimUid, PreparedClaim>,
+}
+
+/// One prepared claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedClaim {
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The claim's name.
+    pub name: String,
+    /// Its devices, in allocation order.
+    pub devices: Vec<PreparedMember>,
+}
+
+/// One device of a prepared claim: where it sits, which bus it joins, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedMember {
+    /// The request (`req` or `req/sub`).
+    pub request: String,
+    /// The pool.
+    pub pool: String,
+    /// The device in the pool.
+    pub device: String,
+    /// The share ID of a consumable-capacity allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+    /// The node-local bus the member joins.
+    pub bus: String,
+    /// The member's parameters (everything but its namespace, known only at attach time).
+    pub member: MemberParams,
+    /// The fully qualified CDI device id handed to the kubelet.
+    pub cdi_device_id: String,
+    /// Where the member is attached, once the hook ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Attachment>,
+}
+
+/// A [`MemberSpec`] without its id and namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberParams {
+    /// The interface name inside the pod.
+    pub interface: String,
+    /// Whether the member's link carries CAN FD frames.
+    pub fd: bool,
+    /// Whether the member may transmit.
+    pub access: Access,
+    /// Frames the member may send; empty allows everything.
+    #[serde(default)]
+    pub transmit_allow: Vec<CanFilter>,
+    /// Frames delivered to the member; empty delivers everything.
+    #[serde(default)]
+    pub receive_filters: Vec<CanFilter>,
+    /// Shaping towards the pod.
+    #[serde(default)]
+    pub rx_shaping: Option<Shaping>,
+    /// Shaping of what the pod sends.
+    #[serde(default)]
+    pub tx_shaping: Option<Shaping>,
+}
+
+impl MemberParams {
+    /// The parameters of a resolved member on a bus that is (or is not) FD.
+    pub fn from_resolved(member: &ResolvedMember, bus_fd: bool) -> Self {
+        let filters = |list: &[can_dra_api::CanFilter]| -> Vec<CanFilter> {
+            list.iter()
+                .map(|f| CanFilter {
+                    id: f.id,
+                    mask: f.mask,
+                    extended: f.extended,
+                    invert: f.invert,
+                })
+                .collect()
+        };
+        let mut access = match member.access {
+            can_dra_api::Access::ReadWrite => Access::ReadWrite,
+            can_dra_api::Access::ListenOnly => Access::ListenOnly,
+        };
+        // An explicit but empty allow-list permits nothing, while the data plane reads an empty
+        // list as "everything": say it as listen-only instead.
+        if member.transmit_allow.as_ref().is_some_and(Vec::is_empty) {
+            access = Access::ListenOnly;
+        }
+        Self {
+            interface: member.interface_name.as_str().to_owned(),
+            fd: match member.frame_format {
+                Some(FrameFormat::Fd) => true,
+                Some(FrameFormat::Classic) => false,
+                None => bus_fd,
+            },
+            access,
+            transmit_allow: filters(member.transmit_allow.as_deref().unwrap_or_default()),
+            receive_filters: filters(&member.receive_filters),
+            rx_shaping: shaping(&member.shaping.rx),
+            tx_shaping: shaping(&member.shaping.tx),
+        }
+    }
+
+    /// The full member spec for a namespace.
+    pub fn spec(&self, id: impl Into<String>, netns: NetnsRef) -> MemberSpec {
+        MemberSpec {
+            id: id.into(),
+            netns,
+            interface: self.interface.clone(),
+            fd: self.fd,
+            access: self.access,
+            transmit_allow: self.transmit_allow.clone(),
+            receive_filters: self.receive_filters.clone(),
+            rx_shaping: self.rx_shaping,
+            tx_shaping: self.tx_shaping,
+        }
+    }
+}
+
+fn shaping(direction: &ShapingDirection) -> Option<Shaping> {
+    let micros = |d: std::time::Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+    let shaping = Shaping {
+        bitrate: direction.bitrate.map(|b| b.bits_per_second()),
+        data_bitrate: direction.data_bitrate.map(|b| b.bits_per_second()),
+        delay_us: micros(direction.delay),
+        jitter_us: micros(direction.jitter),
+        loss_ppm: direction.loss.millionths(),
+        duplicate_ppm: direction.duplicate.millionths(),
+    };
+    (!shaping.is_neutral()).then_some(shaping)
+}
+
+/// Where a member was attached: the container's pid and its namespace's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    /// The pid the hook reported.
+    pub pid: u32,
+    /// Device number of the namespace's nsfs file.
+    pub netns_dev: u64,
+    /// Inode number of the namespace's nsfs file.
+    pub netns_ino: u64,
+}
+
+/// The member id on the node's buses: `<claim uid>/<request>`.
+pub fn member_id(claim_uid: &str, request: &str) -> String {
+    format!("{claim_uid}/{request}")
+}
+
+/// A physical controller as the inventory publishes it, from what netlink reports.
+pub fn physical_controller(found: &CanController) -> PhysicalController {
+    let rate = |bps: Option<u32>| bps.and_then(can_dra_api::Bitrate::from_bits_per_second);
+    PhysicalController {
+        interface: found.name.clone(),
+        controller: found.driver.clone().unwrap_or_else(|| "unknown".to_owned()),
+        bitrate: rate(found.bitrate),
+        data_bitrate: rate(found.data_bitrate),
+        fd: found.fd,
+        state: match found.state {
+            Some(CanState::ErrorActive) => ControllerState::ErrorActive,
+            Some(CanState::ErrorWarning) => ControllerState::ErrorWarning,
+            Some(CanState::ErrorPassive) => ControllerState::ErrorPassive,
+            Some(CanState::BusOff) => ControllerState::BusOff,
+            Some(CanState::Stopped) => ControllerState::Stopped,
+            Some(CanState::Sleeping) => ControllerState::Sleeping,
+            Some(CanState::Other(_)) | None => ControllerState::Unknown,
+        },
+        slots: 0,
+    }
+}
+
+/// Errors of building a [`NodeDriver`].
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The inventory cannot be turned into slots.
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::InventoryError),
+    /// The checkpoint cannot be read.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+}
+
+/// Everything [`NodeDriver::new`] needs.
+#[derive(Debug, Clone)]
+pub struct NodeParts {
+    /// The DRA driver name.
+    pub driver: String,
+    /// The node name (the pool of node-local devices).
+    pub node: String,
+    /// What the node publishes.
+    pub inventory: Inventory,
+    /// Reads claims.
+    pub claims: ClaimReader,
+    /// Writes claim status.
+    pub status: StatusWriter,
+    /// Writes CDI specs.
+    pub cdi: CdiWriter,
+    /// The checkpoint file.
+    pub checkpoint: CheckpointStore,
+}
+
+/// The node's bus, as the data plane is told about it on first use.
+#[derive(Debug, Clone)]
+struct SlotInfo {
+    bus: String,
+    spec: BusSpec,
+}
+
+/// The CAN driver of one node.
+pub struct NodeDriver {
+    parts: NodeParts,
+    known: KnownDevices,
+    slots: BTreeMap<String, SlotInfo>,
+    state: Mutex<NodeState>,
+    // Opened on first attach: prepare and unprepare of unattached claims need no kernel.
+    buses: Arc<std::sync::Mutex<Option<Buses<SystemKernel>>>>,
+    health: watch::Sender<Vec<DeviceHealth>>,
+}
+
+impl std::fmt::Debug for NodeDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeDriver")
+            .field("driver", &self.parts.driver)
+            .field("node", &self.parts.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeDriver {
+    /// Builds the driver and loads the checkpoint.
+    pub fn new(parts: NodeParts) -> Result<Self, NodeError> {
+        let state: NodeState = parts.checkpoint.load()?;
+        let mut known = KnownDevices::default();
+        let mut slots = BTreeMap::new();
+        for slot in parts.inventory.slots()? {
+            known.insert(&parts.node, slot.device.clone());
+            let (bus, spec) = match &slot.bus {
+                SlotBus::Physical { interface } => {
+                    let fd = parts
+                        .inventory
+                        .physical
+                        .iter()
+                        .any(|c| &c.interface == interface && c.fd);
+                    let mut spec = BusSpec::new(interface.clone());
+                    spec.physical = Some(interface.clone());
+                    spec.fd = fd;
+                    (interface.clone(), spec)
+                }
+                SlotBus::Virtual { name } => {
+                    let fd = parts
+                        .inventory
+                        .virtual_buses
+                        .iter()
+                        .any(|b| &b.name == name && b.fd);
+                    let mut spec = BusSpec::new(name.clone());
+                    spec.fd = fd;
+                    (name.clone(), spec)
+                }
+            };
+            slots.insert(slot.device, SlotInfo { bus, spec });
+        }
+        let (health, _) = watch::channel(Vec::new());
+        let driver = Self {
+            parts,
+            known,
+            slots,
+            state: Mutex::new(state),
+            buses: Arc::new(std::sync::Mutex::new(None)),
+            health,
+        };
+        let physical = driver.parts.inventory.physical.clone();
+        driver.update_controllers(&physical);
+        Ok(driver)
+    }
+
+    /// Recomputes the health feed from the controllers found now: slots of a controller that is
+    /// bus-off or gone are Unhealthy; virtual bus slots are Healthy.
+    pub fn update_controllers(&self, found: &[PhysicalController]) {
+        let report: Vec<DeviceHealth> = self
+            .parts
+            .inventory
+            .slots()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|slot| {
+                let (status, message) = match &slot.bus {
+                    SlotBus::Virtual { .. } => (HealthStatus::Healthy, String::new()),
+                    SlotBus::Physical { interface } => {
+                        match found.iter().find(|c| &c.interface == interface) {
+                            None => (
+                                HealthStatus::Unhealthy,
+                                format!("controller {interface} is gone"),
+                            ),
+                            Some(c) if c.state == ControllerState::BusOff => (
+                                HealthStatus::Unhealthy,
+                                format!("controller {interface} is bus-off"),
+                            ),
+                            Some(_) => (HealthStatus::Healthy, String::new()),
+                        }
+                    }
+                };
+                DeviceHealth {
+                    pool: self.parts.node.clone(),
+                    device: slot.device,
+                    status,
+                    message,
+                }
+            })
+            .collect();
+        self.health.send_if_modified(|current| {
+            if *current == report {
+                false
+            } else {
+                *current = report;
+                true
+            }
+        });
+    }
+
+    /// A copy of the checkpointed state.
+    pub async fn state(&self) -> NodeState {
+        self.state.lock().await.clone()
+    }
+
+    fn answer(prepared: &PreparedClaim) -> Vec<PreparedDevice> {
+        prepared
+            .devices
+            .iter()
+            .map(|d| PreparedDevice {
+                request_names: vec![main_request(&d.request).to_owned()],
+                pool_name: d.pool.clone(),
+                device_name: d.device.clone(),
+                cdi_device_ids: vec![d.cdi_device_id.clone()],
+                share_id: d.share_id.clone(),
+            })
+            .collect()
+    }
+
+    async fn prepare_one(
+        &self,
+        state: &mut NodeState,
+        claim: &ClaimRef,
+    ) -> Result<Vec<PreparedDevice>, String> {
+        if let Some(prepared) = state.claims.get(&claim.uid) {
+            tracing::debug!(claim = %claim, "already prepared");
+            return Ok(Self::answer(prepared));
+        }
+        let allocated = self
+            .parts
+            .claims
+            .allocated(claim, &self.known)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut devices = Vec::new();
+        let mut cdi_devices = Vec::new();
+        for member in &allocated.members {
+            let slot = self
+                .slots
+                .get(&member.device)
+                .filter(|_| member.pool == self.parts.node)
+                .ok_or_else(|| {
+                    format!(
+                        "claim {claim}: device {}/{} is not served by this node",
+                        member.pool, member.device
+                    )
+                })?;
+            let params = MemberParams::from_resolved(&member.member, slot.spec.fd);
+            cdi_devices.push(ClaimDevice {
+                request: main_request(&member.request).to_owned(),
+                pool: member.pool.clone(),
+                device: member.device.clone(),
+                interface_name: params.interface.clone(),
+            });
+            devices.push(PreparedMember {
+                request: member.request.clone(),
+                pool: member.pool.clone(),
+                device: member.device.clone(),
+                share_id: member.share_id.clone(),
+                bus: slot.bus.clone(),
+                member: params,
+                cdi_device_id: String::new(),
+                attachment: None,
+            });
+        }
+        let ids = self
+            .parts
+            .cdi
+            .write(&claim.uid, &cdi_devices)
+            .map_err(|e| format!("claim {claim}: {e}"))?;
+        for (device, id) in devices.iter_mut().zip(ids) {
+            device.cdi_device_id = id;
+        }
+        let prepared = PreparedClaim {
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            devices,
+        };
+        state.claims.insert(claim.uid.clone(), prepared.clone());
+        if let Err(error) = self.parts.checkpoint.save(state) {
+            // Undo: no CDI spec and no entry for a claim the kubelet will be told failed.
+            state.claims.remove(&claim.uid);
+            if let Err(undo) = self.parts.cdi.remove(&claim.uid) {
+                tracing::warn!(claim = %claim, error = %undo, "removing the CDI spec failed");
+            }
+            return Err(format!("claim {claim}: {error}"));
+        }
+        let ready: Vec<DeviceReady> = prepared
+            .devices
+            .iter()
+            .map(|d| DeviceReady {
+                share_id: d.share_id.clone(),
+                ..DeviceReady::new(&d.pool, &d.device, &d.member.interface)
+            })
+            .collect();
+        if let Err(error) = self
+            .parts
+            .status
+            .mark_ready(claim, &ready, Some(&allocated.claim))
+            .await
+        {
+            tracing::warn!(claim = %claim, %error, "writing the claim status failed");
+        }
+        tracing::info!(claim = %claim, devices = prepared.devices.len(), "claim prepared");
+        Ok(Self::answer(&prepared))
+    }
+
+    async fn unprepare_one(&self, state: &mut NodeState, claim: &ClaimRef) -> Result<(), String> {
+        if let Some(prepared) = state.claims.get(&claim.uid).cloned() {
+            for device in prepared.devices.iter().filter(|d| d.attachment.is_some()) {
+                let id = member_id(&claim.uid, &device.request);
+                self.leave(&device.bus, &id)
+                    .await
+                    .map_err(|e| format!("claim {claim}: leaving bus {}: {e}", device.bus))?;
+                if let Some(entry) = state.claims.get_mut(&claim.uid) {
+                    for d in entry
+                        .devices
+                        .iter_mut()
+                        .filter(|d| d.device == device.device)
+                    {
+                        d.attachment = None;
+                    }
+                }
+            }
+        }
+        self.parts
+            .cdi
+            .remove(&claim.uid)
+            .map_err(|e| format!("claim {claim}: {e}"))?;
+        self.parts
+            .status
+            .clear(claim)
+            .await
+            .map_err(|e| e.to_string())?;
+        if state.claims.remove(&claim.uid).is_some() {
+            self.parts
+                .checkpoint
+                .save(state)
+                .map_err(|e| format!("claim {claim}: {e}"))?;
+        }
+        tracing::info!(claim = %claim, "claim unprepared");
+        Ok(())
+    }
+
+    async fn with_buses<T, F>(&self, work: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Buses<SystemKernel>) -> Result<T, String> + Send + 'static,
+    {
+        let buses = self.buses.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = buses
+                .lock()
+                .map_err(|_| "the data plane lock is poisoned".to_owned())?;
+            if guard.is_none() {
+                let kernel =
+                    SystemKernel::open().map_err(|e| format!("opening the data plane: {e}"))?;
+                *guard = Some(Buses::new(kernel));
+            }
+            match guard.as_mut() {
+                Some(buses) => work(buses),
+                None => Err("the data plane is not open".to_owned()),
+            }
+        })
+        .await
+        .map_err(|e| format!("data plane task failed: {e}"))?
+    }
+
+    async fn leave(&self, bus: &str, id: &str) -> Result<(), String> {
+        let (bus, id) = (bus.to_owned(), id.to_owned());
+        self.with_buses(move |buses| {
+            let joined = buses
+                .state()
+                .bus(&bus)
+                .is_some_and(|b| b.member(&id).is_some());
+            if joined {
+                buses.leave(&bus, &id).map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            }
+        })
+        .await
+    }
+}
+
+/// `req` of `req/sub`.
+fn main_request(request: &str) -> &str {
+    request.split('/').next().unwrap_or(request)
+}
+
+impl Driver for NodeDriver {
+    async fn prepare(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> Result<HashMap<ClaimUid, Result<Vec<PreparedDevice>, String>>, DriverError> {
+        let mut state = self.state.lock().await;
+        let mut answers = HashMap::new();
+        for claim in claims {
+            let answer = self.prepare_one(&mut state, &claim).await;
+            if let Err(reason) = &answer {
+                tracing::warn!(claim = %claim, %reason, "prepare failed");
+            }
+            answers.insert(claim.uid, answer);
+        }
+        Ok(answers)
+    }
+
+    async fn unprepare(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> Result<HashMap<ClaimUid, Result<(), String>>, DriverError> {
+        let mut state = self.state.lock().await;
+        let mut answers = HashMap::new();
+        for claim in claims {
+            let answer = self.unprepare_one(&mut state, &claim).await;
+            if let Err(reason) = &answer {
+                tracing::warn!(claim = %claim, %reason, "unprepare failed");
+            }
+            answers.insert(claim.uid, answer);
+        }
+        Ok(answers)
+    }
+
+    fn health(&self) -> watch::Receiver<Vec<DeviceHealth>> {
+        self.health.subscribe()
+    }
+}
+
+impl Attacher for NodeDriver {
+    async fn attach(&self, request: AttachRequest) -> Result<String, String> {
+        let mut state = self.state.lock().await;
+        let Some(member) = state
+            .claims
+            .get(&request.claim_uid)
+            .and_then(|c| {
+                c.devices
+                    .iter()
+                    .find(|d| d.pool == request.pool && d.device == request.device)
+            })
+            .cloned()
+        else {
+            return Err(format!(
+                "claim {} device {}/{} is not prepared on this node; refusing to start the \
+                 container without its CAN bus",
+                request.claim_uid, request.pool, request.device
+            ));
+        };
+        let Some(slot) = self.slots.get(&member.device).cloned() else {
+            return Err(format!(
+                "device {}/{} is no longer published by this node",
+                member.pool, member.device
+            ));
+        };
+        let id = member_id(&request.claim_uid, &member.request);
+        let pid = request.pid;
+        let previous = member.attachment;
+        let (outcome, attachment) = self
+            .with_buses(move |buses| {
+                let netns = Netns::from_pid(pid).map_err(|e| e.to_string())?;
+                let current = netns.id();
+                let attachment = Attachment {
+                    pid,
+                    netns_dev: current.dev,
+                    netns_ino: current.ino,
+                };
+                let joined = buses
+                    .state()
+                    .bus(&slot.bus)
+                    .is_some_and(|b| b.member(&id).is_some());
+                let same_netns = previous
+                    .is_some_and(|p| p.netns_dev == current.dev && p.netns_ino == current.ino);
+                if joined && same_netns {
+                    return Ok((format!("already attached in {current}"), attachment));
+                }
+                if joined {
+                    // A new sandbox: the old namespace (and the pod end with it) is gone.
+                    buses.leave(&slot.bus, &id).map_err(|e| e.to_string())?;
+                }
+                if buses.state().bus(&slot.bus).is_none() {
+                    buses
+                        .add_bus(slot.spec.clone())
+                        .map_err(|e| e.to_string())?;
+                }
+                let spec = member.member.spec(id.clone(), NetnsRef::Pid(pid));
+                buses.join(&slot.bus, spec).map_err(|e| e.to_string())?;
+                let verb = if previous.is_some() {
+                    "re-attached"
+                } else {
+                    "attached"
+                };
+                Ok((
+                    format!(
+                        "{verb} {} on bus {} in {current}",
+                        member.member.interface, slot.bus
+                    ),
+                    attachment,
+                ))
+            })
+            .await?;
+        if let Some(entry) = state.claims.get_mut(&request.claim_uid) {
+            for d in entry
+                .devices
+                .iter_mut()
+                .filter(|d| d.pool == request.pool && d.device == request.device)
+            {
+                d.attachment = Some(attachment);
+            }
+        }
+        self.parts
+            .checkpoint
+            .save(&*state)
+            .map_err(|e| format!("member attached but the checkpoint failed: {e}"))?;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,289 @@
+//! The node driver end to end without a kernel: the kubelet double calls it over the plugin's
+//! real sockets, claims come from the API server double, CDI specs and the checkpoint go to a
+//! temporary directory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api_support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
+use can_dra_api::Bitrate;
+use can_dra_doubles::apiserver::ApiServer;
+use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
+use can_dra_kubelet_plugin::cdi::CdiWriter;
+use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
+use can_dra_kubelet_plugin::claims::ClaimReader;
+use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher};
+use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
+use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
+use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
+use can_dra_kubelet_plugin::status::StatusWriter;
+use can_dra_proto::dra::v1::Claim;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+struct Rig {
+    api: ApiServer,
+    driver: Arc<NodeDriver>,
+    plugin: RegisteredPlugin,
+    cdi: CdiWriter,
+    checkpoint: CheckpointStore,
+    _server: PluginServer,
+    _root: tempfile::TempDir,
+}
+
+async fn rig() -> Rig {
+    let root = tempfile::tempdir().unwrap();
+    let (api, client, _) = server_with_node().await;
+    let inventory = Inventory {
+        physical: Vec::new(),
+        virtual_buses: vec![VirtualBus {
+            name: "body".into(),
+            bitrate: Bitrate::from_bits_per_second(500_000).unwrap(),
+            fd: false,
+            data_bitrate: None,
+            slots: 4,
+        }],
+    };
+    let cdi = CdiWriter::new(root.path().join("cdi"), DRIVER, "/opt/can-dra/bin/hook");
+    let checkpoint = CheckpointStore::new(root.path().join("plugins/checkpoint.json"));
+    let driver = Arc::new(
+        NodeDriver::new(NodeParts {
+            driver: DRIVER.into(),
+            node: NODE.into(),
+            inventory,
+            claims: ClaimReader::new(client.clone(), DRIVER),
+            status: StatusWriter::new(client, DRIVER),
+            cdi: cdi.clone(),
+            checkpoint: checkpoint.clone(),
+        })
+        .unwrap(),
+    );
+    let plugins: PathBuf = root.path().join("plugins");
+    let registry: PathBuf = root.path().join("registry");
+    // The kubelet owns these directories; it creates them before any plugin starts.
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&registry).unwrap();
+    let server = PluginServer::start(
+        PluginConfig::new(DRIVER, &plugins, &registry),
+        driver.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let plugin = KubeletDouble::new(&registry)
+        .register_driver(DRIVER)
+        .await
+        .unwrap();
+    Rig {
+        api,
+        driver,
+        plugin,
+        cdi,
+        checkpoint,
+        _server: server,
+        _root: root,
+    }
+}
+
+fn wire(name: &str, uid: &str) -> Claim {
+    Claim {
+        namespace: "ns".into(),
+        uid: uid.into(),
+        name: name.into(),
+    }
+}
+
+/// A claim `name` allocated one `body` slot with interface `ecu0`.
+fn good_claim(
+    name: &str,
+    uid: &str,
+    device: &str,
+) -> k8s_openapi::api::resource::v1::ResourceClaim {
+    claim(
+        name,
+        uid,
+        Some((
+            json!([result("a", device)]),
+            json!([config("FromClaim", &[], json!({"interfaceName": "ecu0"}))]),
+        )),
+    )
+}
+
+fn status_writes(api: &ApiServer, name: &str) -> Vec<serde_json::Value> {
+    api.writes()
+        .into_iter()
+        .filter(|w| w.path.ends_with(&format!("/resourceclaims/{name}/status")))
+        .filter_map(|w| w.json())
+        .collect()
+}
+
+#[tokio::test]
+async fn prepare_writes_cdi_checkpoint_and_status_and_repeats_identically() {
+    let rig = rig().await;
+    rig.api.insert_claim(good_claim("c", "uid-1", "body-m0"));
+
+    let answer = rig.plugin.prepare(vec![wire("c", "uid-1")]).await.unwrap();
+    let prepared = &answer.claims["uid-1"];
+    assert_eq!(prepared.error, "");
+    assert_eq!(prepared.devices.len(), 1);
+    let device = &prepared.devices[0];
+    assert_eq!(device.pool_name, NODE);
+    assert_eq!(device.device_name, "body-m0");
+    assert_eq!(device.request_names, vec!["a".to_string()]);
+    assert_eq!(
+        device.cdi_device_ids,
+        vec![format!("k8s.can.dra.dev/can=uid-1-{NODE}-body-m0")]
+    );
+
+    // The CDI spec carries the interface name and the hook.
+    let spec_path = rig.cdi.spec_path("uid-1");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    let edits = &spec["devices"][0]["containerEdits"];
+    let env: Vec<&str> = edits["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"CAN_DRA_INTERFACE=ecu0"), "{env:?}");
+    assert_eq!(edits["hooks"][0]["hookName"], "createRuntime");
+    assert_eq!(edits["hooks"][0]["path"], "/opt/can-dra/bin/hook");
+
+    // The checkpoint has the claim, with the bus and the member's parameters.
+    let state: NodeState = rig.checkpoint.load().unwrap();
+    let entry = &state.claims["uid-1"];
+    assert_eq!((entry.namespace.as_str(), entry.name.as_str()), ("ns", "c"));
+    assert_eq!(entry.devices[0].bus, "body");
+    assert_eq!(entry.devices[0].member.interface, "ecu0");
+    assert_eq!(entry.devices[0].attachment, None);
+
+    // The status patch says Ready with the interface name.
+    let writes = status_writes(&rig.api, "c");
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    let status = &writes[0]["status"]["devices"][0];
+    assert_eq!(status["device"], "body-m0");
+    assert_eq!(status["networkData"]["interfaceName"], "ecu0");
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "True");
+
+    // A second prepare gives the same answer and writes nothing.
+    let spec_before = std::fs::read(&spec_path).unwrap();
+    let checkpoint_before = std::fs::read(rig.checkpoint.path()).unwrap();
+    rig.api.clear_requests();
+    let again = rig.plugin.prepare(vec![wire("c", "uid-1")]).await.unwrap();
+    assert_eq!(again, answer);
+    assert!(rig.api.writes().is_empty(), "{:?}", rig.api.writes());
+    assert_eq!(std::fs::read(&spec_path).unwrap(), spec_before);
+    assert_eq!(
+        std::fs::read(rig.checkpoint.path()).unwrap(),
+        checkpoint_before
+    );
+}
+
+#[tokio::test]
+async fn a_bad_claim_fails_alone_with_the_reason() {
+    let rig = rig().await;
+    rig.api
+        .insert_claim(good_claim("good", "uid-good", "body-m0"));
+    rig.api.insert_claim(claim(
+        "bad",
+        "uid-bad",
+        Some((
+            json!([result("a", "body-m1")]),
+            json!([config("FromClaim", &[], json!({"interfaceNmae": "ecu0"}))]),
+        )),
+    ));
+    rig.api
+        .insert_claim(good_claim("swapped", "uid-new", "body-m2"));
+    rig.api.insert_claim(claim("pending", "uid-pending", None));
+
+    let answer = rig
+        .plugin
+        .prepare(vec![
+            wire("good", "uid-good"),
+            wire("bad", "uid-bad"),
+            wire("swapped", "uid-old"),
+            wire("pending", "uid-pending"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answer.claims["uid-good"].error, "");
+    assert_eq!(answer.claims["uid-good"].devices.len(), 1);
+
+    let bad = &answer.claims["uid-bad"].error;
+    assert!(bad.contains("interfaceNmae"), "{bad}");
+    let swapped = &answer.claims["uid-old"].error;
+    assert!(
+        swapped.contains("replaced") && swapped.contains("uid-new"),
+        "{swapped}"
+    );
+    let pending = &answer.claims["uid-pending"].error;
+    assert!(pending.contains("not allocated"), "{pending}");
+
+    // Only the good claim left a trace.
+    let state: NodeState = rig.checkpoint.load().unwrap();
+    assert_eq!(state.claims.keys().collect::<Vec<_>>(), vec!["uid-good"]);
+    assert_eq!(
+        rig.cdi.claims_with_specs().unwrap(),
+        vec!["uid-good".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn unprepare_removes_everything_and_is_idempotent() {
+    let rig = rig().await;
+    rig.api.insert_claim(good_claim("c", "uid-1", "body-m0"));
+    let answer = rig.plugin.prepare(vec![wire("c", "uid-1")]).await.unwrap();
+    assert_eq!(answer.claims["uid-1"].error, "");
+
+    let gone = rig
+        .plugin
+        .unprepare(vec![wire("c", "uid-1")])
+        .await
+        .unwrap();
+    assert_eq!(gone.claims["uid-1"].error, "");
+    assert!(!rig.cdi.spec_path("uid-1").exists());
+    let state: NodeState = rig.checkpoint.load().unwrap();
+    assert!(state.claims.is_empty(), "{state:?}");
+    let stored = rig.api.claim("ns", "c").unwrap();
+    let ours = stored
+        .status
+        .and_then(|s| s.devices)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.driver == DRIVER)
+        .count();
+    assert_eq!(ours, 0, "status entries of the driver remain");
+
+    // Again, and for a claim never prepared (and absent from the API server): success.
+    let again = rig
+        .plugin
+        .unprepare(vec![wire("c", "uid-1"), wire("never", "uid-x")])
+        .await
+        .unwrap();
+    assert_eq!(again.claims["uid-1"].error, "");
+    assert_eq!(again.claims["uid-x"].error, "");
+}
+
+#[tokio::test]
+async fn attaching_an_unprepared_claim_is_refused() {
+    let rig = rig().await;
+    let refused = rig
+        .driver
+        .attach(AttachRequest {
+            claim_uid: "uid-unknown".into(),
+            pool: NODE.into(),
+            device: "body-m0".into(),
+            pid: std::process::id(),
+            container_id: "ctr".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.contains("not prepared"), "{refused}");
+    assert!(refused.contains("uid-unknown"), "{refused}");
+}
