@@ -57,6 +57,16 @@ pub struct PluginArgs {
     )]
     pub hook_path: PathBuf,
 
+    /// This plugin pod's UID; turns on rolling-update socket names so two instances can run
+    /// side by side during a DaemonSet update.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+
+    /// Check a running daemon instead of starting one: GetInfo on the registration socket, then
+    /// an empty NodePrepareResources on the endpoint it names. Exits 0 when both answer.
+    #[arg(long)]
+    pub health_probe: bool,
+
     /// Log format.
     #[arg(long, env = "CAN_DRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -31,6 +31,8 @@ struct Rig {
     plugin: RegisteredPlugin,
     cdi: CdiWriter,
     checkpoint: CheckpointStore,
+    plugins: PathBuf,
+    registry: PathBuf,
     _server: PluginServer,
     _root: tempfile::TempDir,
 }
@@ -84,6 +86,8 @@ async fn rig() -> Rig {
         plugin,
         cdi,
         checkpoint,
+        plugins,
+        registry,
         _server: server,
         _root: root,
     }
@@ -286,4 +290,42 @@ async fn attaching_an_unprepared_claim_is_refused() {
         .unwrap_err();
     assert!(refused.contains("not prepared"), "{refused}");
     assert!(refused.contains("uid-unknown"), "{refused}");
+}
+
+/// Runs `can-dra-kubelet-plugin --health-probe` against the given directories.
+async fn probe(plugins: PathBuf, registry: PathBuf) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_can-dra-kubelet-plugin"))
+            .args(["--node-name", NODE, "--health-probe"])
+            .arg("--kubelet-plugins-dir")
+            .arg(plugins)
+            .arg("--kubelet-registrar-dir")
+            .arg(registry)
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_health_probe_passes_against_a_running_plugin_and_fails_without_one() {
+    let rig = rig().await;
+    let healthy = probe(rig.plugins.clone(), rig.registry.clone()).await;
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    assert!(String::from_utf8_lossy(&healthy.stdout).contains("healthy: can.dra.dev"));
+
+    let empty = tempfile::tempdir().unwrap();
+    let down = probe(empty.path().join("plugins"), empty.path().join("registry")).await;
+    assert!(!down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("connecting to"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 }
