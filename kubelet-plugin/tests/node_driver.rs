@@ -329,3 +329,70 @@ async fn the_health_probe_passes_against_a_running_plugin_and_fails_without_one(
         String::from_utf8_lossy(&down.stderr)
     );
 }
+
+#[tokio::test]
+async fn the_daemon_publishes_serves_and_stops_on_sigterm() {
+    let root = tempfile::tempdir().unwrap();
+    let (api, _, _) = server_with_node().await;
+    let kubeconfig = root.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let config = root.path().join("node.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: can.dra.dev/v1alpha1\nkind: NodeConfig\nvirtualBuses:\n- name: body\n  bitrate: 500k\n  slots: 2\n",
+    )
+    .unwrap();
+    let plugins = root.path().join("plugins");
+    let registry = root.path().join("registry");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&registry).unwrap();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_can-dra-kubelet-plugin"))
+        .args(["--node-name", NODE])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--config")
+        .arg(&config)
+        .arg("--kubelet-plugins-dir")
+        .arg(&plugins)
+        .arg("--kubelet-registrar-dir")
+        .arg(&registry)
+        .arg("--cdi-dir")
+        .arg(root.path().join("cdi"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+
+    // Serving once the probe passes.
+    let mut healthy = false;
+    for _ in 0..100 {
+        if probe(plugins.clone(), registry.clone())
+            .await
+            .status
+            .success()
+        {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let devices: Vec<String> = api
+        .slices()
+        .iter()
+        .flat_map(|s| s.spec.devices.clone().unwrap_or_default())
+        .map(|d| d.name)
+        .collect();
+    assert!(plugins.join("can.dra.dev/hook.sock").exists());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || daemon.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(healthy, "the daemon never answered the probe");
+    assert_eq!(devices, vec!["body-m0".to_string(), "body-m1".to_string()]);
+    assert!(status.success(), "{status:?}");
+    assert!(!plugins.join("can.dra.dev/hook.sock").exists());
+}
