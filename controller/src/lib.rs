@@ -3,7 +3,9 @@
 //! publishes for it.
 //!
 //! - [`canbus`]: the resource, its CRD and the checks its schema cannot express.
+//! - [`slices`]: the desired ResourceSlices of a bus's pool, and a publisher that keeps them current.
 
 #![forbid(unsafe_code)]
 
 pub mod canbus;
+pub mod slices;
