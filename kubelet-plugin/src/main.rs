@@ -124,11 +124,13 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
         &args.kubelet_registrar_dir,
     );
     plugin.pod_uid = args.pod_uid.clone();
+    let driver_for_health = driver.clone();
     let server = PluginServer::start(plugin, driver, shutdown.clone())
         .await
         .context("starting the kubelet plugin servers")?;
     tracing::info!(hook = %hook_path.display(), "serving");
 
+    tokio::spawn(watch_controllers(driver_for_health, shutdown.clone()));
     let signals = shutdown.clone();
     tokio::spawn(async move {
         match wait_for_signal().await {
@@ -146,6 +148,32 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
         tracing::debug!(%error, "hook socket already gone");
     }
     served.context("the kubelet plugin servers failed")
+}
+
+/// How often the controllers are listed again for the health feed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lists the node's controllers periodically so bus-off or unplugged controllers turn their
+/// slots Unhealthy (and healthy again when they recover).
+async fn watch_controllers(driver: Arc<NodeDriver>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+        let listed = tokio::task::spawn_blocking(|| {
+            Links::open().and_then(|mut links| links.can_controllers())
+        })
+        .await;
+        match listed {
+            Ok(Ok(found)) => {
+                let found: Vec<_> = found.iter().map(physical_controller).collect();
+                driver.update_controllers(&found);
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "listing CAN controllers failed"),
+            Err(error) => tracing::warn!(%error, "the controller listing task failed"),
+        }
+    }
 }
 
 async fn wait_for_signal() -> std::io::Result<&'static str> {

@@ -396,3 +396,59 @@ async fn the_daemon_publishes_serves_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
     assert!(!plugins.join("can.dra.dev/hook.sock").exists());
 }
+
+#[tokio::test]
+async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
+    use can_dra_kubelet_plugin::driver::{DeviceHealth, Driver, HealthStatus};
+    use can_dra_kubelet_plugin::inventory::{ControllerState, PhysicalController};
+
+    let root = tempfile::tempdir().unwrap();
+    let (_api, client, _) = server_with_node().await;
+    let can0 = |state| PhysicalController {
+        interface: "can0".into(),
+        controller: "gs_usb".into(),
+        bitrate: Bitrate::from_bits_per_second(500_000),
+        data_bitrate: None,
+        fd: false,
+        state,
+        slots: 2,
+    };
+    let driver = NodeDriver::new(NodeParts {
+        driver: DRIVER.into(),
+        node: NODE.into(),
+        inventory: Inventory {
+            physical: vec![can0(ControllerState::ErrorActive)],
+            virtual_buses: Vec::new(),
+        },
+        claims: ClaimReader::new(client.clone(), DRIVER),
+        status: StatusWriter::new(client, DRIVER),
+        cdi: CdiWriter::new(root.path().join("cdi"), DRIVER, "/hook"),
+        checkpoint: CheckpointStore::new(root.path().join("checkpoint.json")),
+    })
+    .unwrap();
+    let health = driver.health();
+    let statuses = |rx: &tokio::sync::watch::Receiver<Vec<DeviceHealth>>| {
+        rx.borrow()
+            .iter()
+            .map(|h| (h.device.clone(), h.status))
+            .collect::<Vec<_>>()
+    };
+    let all = |status| {
+        vec![
+            ("can0-m0".to_string(), status),
+            ("can0-m1".to_string(), status),
+        ]
+    };
+    assert_eq!(statuses(&health), all(HealthStatus::Healthy));
+
+    driver.update_controllers(&[can0(ControllerState::BusOff)]);
+    assert_eq!(statuses(&health), all(HealthStatus::Unhealthy));
+    assert!(health.borrow()[0].message.contains("bus-off"));
+
+    driver.update_controllers(&[]);
+    assert_eq!(statuses(&health), all(HealthStatus::Unhealthy));
+    assert!(health.borrow()[0].message.contains("gone"));
+
+    driver.update_controllers(&[can0(ControllerState::ErrorWarning)]);
+    assert_eq!(statuses(&health), all(HealthStatus::Healthy));
+}
