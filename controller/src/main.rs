@@ -1,8 +1,26 @@
 //! `can-dra-controller`: the can-dra cluster controller (CanBus resources, cluster-wide
 //! ResourceSlices, tunnel membership).
 
-use anyhow::{Context, bail};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use can_dra_controller::canbus::{CanBus, crd_yaml};
+use can_dra_controller::slices::{BusSlicePublisher, SliceError};
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+
+/// How often a healthy bus is re-published anyway (repairs edits made behind our back).
+const RESYNC: Duration = Duration::from_secs(300);
+/// How long to wait after a failed reconcile.
+const RETRY: Duration = Duration::from_secs(30);
+/// How often slices of buses that are gone are swept.
+const SWEEP: Duration = Duration::from_secs(120);
 
 /// The can-dra cluster controller.
 #[derive(Debug, Parser)]
@@ -26,19 +44,91 @@ enum Command {
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = ControllerArgs::parse();
-    match args.command {
-        Some(Command::Crd) => {
-            let yaml =
-                can_dra_controller::canbus::crd_yaml().context("cannot render the CanBus CRD")?;
-            print!("{yaml}");
-            Ok(())
+/// What every reconcile shares.
+#[derive(Debug)]
+struct Shared {
+    publisher: BusSlicePublisher,
+}
+
+async fn reconcile(bus: Arc<CanBus>, shared: Arc<Shared>) -> Result<Action, SliceError> {
+    shared.publisher.publish(&bus).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+fn error_policy(bus: Arc<CanBus>, error: &SliceError, _shared: Arc<Shared>) -> Action {
+    tracing::warn!(bus = %bus.name_any(), %error, "cannot publish the bus's ResourceSlices");
+    Action::requeue(RETRY)
+}
+
+async fn client(args: &ControllerArgs) -> anyhow::Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("cannot use kubeconfig {}", path.display()))?
         }
-        None => bail!(
-            "driver {}: the CanBus reconcile loop is not part of this build yet; \
-             `can-dra-controller crd` prints the CRD",
-            args.driver_name
-        ),
+        None => kube::Config::infer()
+            .await
+            .context("cannot find the cluster configuration")?,
+    };
+    Client::try_from(config).context("cannot build the Kubernetes client")
+}
+
+async fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = client(&args).await?;
+    let publisher = BusSlicePublisher::new(client.clone(), args.driver_name.clone());
+    let buses: Api<CanBus> = Api::all(client.clone());
+    let slices: Api<ResourceSlice> = Api::all(client);
+    let controller = Controller::new(buses, watcher::Config::default()).owns(
+        slices,
+        watcher::Config::default().fields(&format!("spec.driver={}", args.driver_name)),
+    );
+
+    // Owner references let the garbage collector remove a deleted bus's slices; the sweep
+    // catches what it cannot, e.g. slices whose owner reference was stripped.
+    let store = controller.store();
+    let sweeper = publisher.clone();
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut ticks = tokio::time::interval(SWEEP);
+        loop {
+            ticks.tick().await;
+            let live: BTreeSet<String> = store.state().iter().map(|b| b.name_any()).collect();
+            if let Err(error) = sweeper.sweep(&live).await {
+                tracing::warn!(%error, "cannot sweep the slices of deleted buses");
+            }
+        }
+    });
+
+    tracing::info!(driver = %args.driver_name, "reconciling CanBus resources");
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, Arc::new(Shared { publisher }))
+        .for_each(|outcome| async move {
+            if let Err(error) = outcome {
+                tracing::debug!(%error, "reconcile did not complete");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = ControllerArgs::parse();
+    if let Some(Command::Crd) = args.command {
+        print!("{}", crd_yaml().context("cannot render the CanBus CRD")?);
+        return Ok(());
     }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    run(args).await
 }

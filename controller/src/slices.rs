@@ -11,7 +11,7 @@
 //! desired, and otherwise bumps `pool.generation` past the highest one seen, deletes obsolete
 //! slices first and creates or updates (with the listed `resourceVersion`) the rest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use k8s_openapi::api::resource::v1::{
@@ -28,6 +28,9 @@ pub const MAX_DEVICES_PER_SLICE: usize = 128;
 
 /// How many times a sync starts over after a conflicting write before giving up.
 const SYNC_ATTEMPTS: usize = 3;
+
+/// The first segment of every bus pool's name.
+const POOL_PREFIX: &str = "canbus/";
 
 /// The longest pool name or slice name (a DNS subdomain) the API accepts.
 const MAX_NAME: usize = 253;
@@ -91,11 +94,11 @@ fn fnv1a32(input: &str) -> u32 {
 /// assert_eq!(pool_name("powertrain"), "canbus/powertrain");
 /// ```
 pub fn pool_name(bus: &str) -> String {
-    let name = format!("canbus/{bus}");
+    let name = format!("{POOL_PREFIX}{bus}");
     if name.len() <= MAX_NAME {
         name
     } else {
-        format!("canbus/{:08x}", fnv1a32(bus))
+        format!("{POOL_PREFIX}{:08x}", fnv1a32(bus))
     }
 }
 
@@ -315,6 +318,48 @@ impl BusSlicePublisher {
         }
         if deleted > 0 {
             tracing::info!(%pool, deleted, "removed the ResourceSlices of a deleted CanBus");
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the slices of bus pools (`canbus/...`) whose bus is not in `live` (bus names),
+    /// such as those of a bus deleted while the controller was down and not yet collected by the
+    /// garbage collector. Node pools are never touched. Returns how many went.
+    pub async fn sweep(&self, live: &BTreeSet<String>) -> Result<usize, SliceError> {
+        let api: Api<ResourceSlice> = Api::all(self.client.clone());
+        let selector = format!("spec.driver={}", self.driver);
+        let listed = api
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(|source| SliceError::List {
+                pool: "canbus/*".to_owned(),
+                source,
+            })?;
+        let live_pools: BTreeSet<String> = live.iter().map(|bus| pool_name(bus)).collect();
+        let mut deleted = 0;
+        for slice in listed.items.into_iter().filter(|s| {
+            s.spec.driver == self.driver
+                && s.spec.pool.name.starts_with(POOL_PREFIX)
+                && !live_pools.contains(&s.spec.pool.name)
+        }) {
+            let name = slice.name_any();
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => deleted += 1,
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(source) => {
+                    return Err(SliceError::Write {
+                        action: "delete",
+                        name,
+                        source,
+                    });
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                "removed the ResourceSlices of CanBuses that are gone"
+            );
         }
         Ok(deleted)
     }

@@ -194,3 +194,28 @@ async fn an_outage_is_reported_not_hidden() {
     let error = publisher.publish(&bus("body", 2)).await.unwrap_err();
     assert!(error.to_string().contains("cannot create"), "{error}");
 }
+
+#[tokio::test]
+async fn sweeping_removes_pools_of_buses_that_are_gone_and_nothing_else() {
+    let server = ApiServer::start().await.unwrap();
+    server.insert_slice(node_slice());
+    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    publisher.publish(&bus("body", 2)).await.unwrap();
+    publisher.publish(&bus("chassis", 2)).await.unwrap();
+    // A bus pool of another driver is not ours to sweep.
+    let other = BusSlicePublisher::new(server.client().unwrap(), "other.example.com");
+    other.publish(&bus("body", 2)).await.unwrap();
+
+    let live = std::collections::BTreeSet::from(["chassis".to_owned()]);
+    assert_eq!(publisher.sweep(&live).await.unwrap(), 1);
+    let pools: Vec<_> = server
+        .slices()
+        .into_iter()
+        .map(|s| (s.spec.driver, s.spec.pool.name))
+        .collect();
+    assert_eq!(pools.len(), 3, "{pools:?}");
+    assert!(pools.contains(&(DRIVER.to_owned(), "node-a".to_owned())));
+    assert!(pools.contains(&(DRIVER.to_owned(), "canbus/chassis".to_owned())));
+    assert!(pools.contains(&("other.example.com".to_owned(), "canbus/body".to_owned())));
+    assert_eq!(publisher.sweep(&live).await.unwrap(), 0);
+}
