@@ -3,9 +3,11 @@
 //! publishes for it.
 //!
 //! - [`canbus`]: the resource, its CRD and the checks its schema cannot express.
+//! - [`lease`]: leader election over a coordination.k8s.io Lease.
 //! - [`slices`]: the desired ResourceSlices of a bus's pool, and a publisher that keeps them current.
 
 #![forbid(unsafe_code)]
 
 pub mod canbus;
+pub mod lease;
 pub mod slices;

@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use can_dra_controller::canbus::{CanBus, crd_yaml};
+use can_dra_controller::lease::LeaderLease;
 use can_dra_controller::slices::{BusSlicePublisher, SliceError};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
@@ -21,6 +22,10 @@ const RESYNC: Duration = Duration::from_secs(300);
 const RETRY: Duration = Duration::from_secs(30);
 /// How often slices of buses that are gone are swept.
 const SWEEP: Duration = Duration::from_secs(120);
+/// How long one leader Lease acquisition or renewal holds.
+const LEASE: Duration = Duration::from_secs(15);
+/// How often a follower retries the Lease.
+const LEASE_RETRY: Duration = Duration::from_secs(2);
 
 /// The can-dra cluster controller.
 #[derive(Debug, Parser)]
@@ -33,6 +38,18 @@ struct ControllerArgs {
     /// The DRA driver name.
     #[arg(long, env = "CAN_DRA_DRIVER_NAME", default_value = "can.dra.dev")]
     driver_name: String,
+
+    /// This replica's identity in the leader Lease; the host name when absent.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
+    /// The namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
+
+    /// Run without leader election (a single replica, e.g. during development).
+    #[arg(long)]
+    no_leader_election: bool,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -76,8 +93,60 @@ async fn client(args: &ControllerArgs) -> anyhow::Result<Client> {
     Client::try_from(config).context("cannot build the Kubernetes client")
 }
 
+/// Waits until this replica leads, then keeps renewing; the returned receiver fires when the
+/// lead is lost (a renewal refused, or none succeeded for a whole Lease duration).
+async fn lead(lease: LeaderLease) -> tokio::sync::oneshot::Receiver<()> {
+    loop {
+        match lease.try_lead().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "cannot acquire the leader Lease"),
+        }
+        tokio::time::sleep(LEASE_RETRY).await;
+    }
+    tracing::info!("leading");
+    let (lost, lost_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(lease.duration() / 3).await;
+            match lease.try_lead().await {
+                Ok(true) => last = tokio::time::Instant::now(),
+                Ok(false) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot renew the leader Lease");
+                    if last.elapsed() >= lease.duration() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = lost.send(());
+    });
+    lost_rx
+}
+
 async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let client = client(&args).await?;
+    let lost = if args.no_leader_election {
+        None
+    } else {
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context("no identity for the leader Lease: set --identity or POD_NAME")?;
+        let name = format!("{}-controller", args.driver_name);
+        let lease = LeaderLease::new(
+            client.clone(),
+            &args.lease_namespace,
+            &name,
+            &identity,
+            LEASE,
+        );
+        Some(lead(lease).await)
+    };
+    let lost_lead = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = BusSlicePublisher::new(client.clone(), args.driver_name.clone());
     let buses: Api<CanBus> = Api::all(client.clone());
     let slices: Api<ResourceSlice> = Api::all(client);
@@ -104,6 +173,17 @@ async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         }
     });
 
+    let controller = match lost {
+        Some(lost) => {
+            let flag = lost_lead.clone();
+            controller.graceful_shutdown_on(async move {
+                // A dropped sender means the renewing task died: the lead is lost as well.
+                let _ = lost.await;
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        }
+        None => controller,
+    };
     tracing::info!(driver = %args.driver_name, "reconciling CanBus resources");
     controller
         .shutdown_on_signal()
@@ -114,6 +194,10 @@ async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             }
         })
         .await;
+    if lost_lead.load(std::sync::atomic::Ordering::SeqCst) {
+        // Exit so the pod restarts as a follower instead of acting on a stale lead.
+        bail!("lost the leader Lease");
+    }
     Ok(())
 }
 
