@@ -107,6 +107,16 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
         })
         .context("starting the node driver")?,
     );
+    // Before serving, so a hook call for an attached pod finds it attached; a failure must not
+    // keep pods from being prepared, so it is logged (by recover) and the daemon goes on.
+    match driver.recover().await {
+        Ok(report) => tracing::info!(
+            dropped = report.dropped.len(),
+            reconciled = report.reconciled.is_some(),
+            "recovered from the checkpoint"
+        ),
+        Err(error) => tracing::warn!(%error, "start-up reconcile failed; serving anyway"),
+    }
 
     let shutdown = CancellationToken::new();
     let hook_path = data_dir.join(HOOK_SOCKET_NAME);

@@ -5,14 +5,19 @@
 //! Prepare validates and persists; it never touches the kernel, because the pod's network
 //! namespace does not exist yet. The member is created later, when the CDI hook reports the
 //! container's pid ([`NodeDriver::attach`]). Unprepare undoes both.
+//!
+//! After a restart the in-memory bus state is empty: [`NodeDriver::recover`] drops attachments
+//! whose pod namespace is gone and reconciles the kernel against the rest, before serving.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use can_dra_api::{FrameFormat, ResolvedMember, ShapingDirection};
-use can_dra_dataplane::bus::Buses;
+use can_dra_dataplane::bus::kernel::KernelError;
+use can_dra_dataplane::bus::model::DesiredState;
 use can_dra_dataplane::bus::model::{Access, BusSpec, CanFilter, MemberSpec, NetnsRef, Shaping};
 use can_dra_dataplane::bus::system::SystemKernel;
+use can_dra_dataplane::bus::{BusError, Buses, ReconcileReport};
 use can_dra_dataplane::link::{CanController, CanState};
 use can_dra_dataplane::netns::Netns;
 use serde::{Deserialize, Serialize};
@@ -208,9 +213,103 @@ pub enum NodeError {
     /// The inventory cannot be turned into slots.
     #[error(transparent)]
     Inventory(#[from] crate::inventory::InventoryError),
-    /// The checkpoint cannot be read.
+    /// The checkpoint cannot be read or written.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The kernel handle of the data plane cannot be opened.
+    #[error("opening the data plane: {0}")]
+    DataPlaneOpen(KernelError),
+    /// Reconciling the kernel against the checkpoint failed.
+    #[error("reconciling the kernel with the checkpoint: {0}")]
+    Reconcile(BusError),
+    /// The blocking data plane task failed, or its lock is poisoned.
+    #[error("the data plane task failed: {0}")]
+    DataPlaneTask(String),
+}
+
+/// A checkpointed attachment dropped by [`NodeDriver::recover`], because its pod's namespace is
+/// gone (the kernel removed the member's pair and rules with it) or could not be placed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedAttachment {
+    /// The claim.
+    pub claim_uid: ClaimUid,
+    /// The request of the member.
+    pub request: String,
+    /// The attachment as it was recorded.
+    pub attachment: Attachment,
+    /// Why it was dropped.
+    pub reason: String,
+}
+
+/// What [`NodeDriver::recover`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Attachments removed from the checkpoint.
+    pub dropped: Vec<DroppedAttachment>,
+    /// The kernel reconcile, when the data plane was opened for it.
+    pub reconciled: Option<ReconcileReport>,
+}
+
+/// Whether the host kernel may hold CAN state of the driver, which decides whether
+/// [`NodeDriver::recover_on`] reconciles even without attachments (to remove orphans).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCan {
+    /// CAN controllers were found, or the CAN modules the driver uses are loaded.
+    Present,
+    /// Nothing of CAN in this kernel: the driver cannot have left anything behind.
+    Absent,
+}
+
+impl HostCan {
+    /// Looks at the inventory and at the kernel: the CAN core (`/proc/net/can`), can-gw or
+    /// vxcan loaded means the driver may have created links or rules in an earlier run.
+    pub fn probe(inventory: &Inventory) -> Self {
+        let loaded = ["/proc/net/can", "/sys/module/can_gw", "/sys/module/vxcan"]
+            .iter()
+            .any(|path| std::path::Path::new(path).exists());
+        if loaded || !inventory.physical.is_empty() {
+            Self::Present
+        } else {
+            Self::Absent
+        }
+    }
+}
+
+impl NodeState {
+    /// Drops every attachment whose pid no longer lives in the recorded namespace (same nsfs
+    /// device and inode), and returns what was dropped. A reused pid lives in another
+    /// namespace, so it is dropped too.
+    pub fn drop_stale_attachments(&mut self) -> Vec<DroppedAttachment> {
+        let mut dropped = Vec::new();
+        for (uid, claim) in &mut self.claims {
+            for device in &mut claim.devices {
+                let Some(attachment) = device.attachment else {
+                    continue;
+                };
+                let reason = match Netns::from_pid(attachment.pid) {
+                    Ok(netns) => {
+                        let id = netns.id();
+                        if id.dev == attachment.netns_dev && id.ino == attachment.netns_ino {
+                            continue;
+                        }
+                        format!(
+                            "pid {} now lives in {id}, not net:[{}]",
+                            attachment.pid, attachment.netns_ino
+                        )
+                    }
+                    Err(error) => error.to_string(),
+                };
+                device.attachment = None;
+                dropped.push(DroppedAttachment {
+                    claim_uid: uid.clone(),
+                    request: device.request.clone(),
+                    attachment,
+                    reason,
+                });
+            }
+        }
+        dropped
+    }
 }
 
 /// Everything [`NodeDriver::new`] needs.
@@ -245,7 +344,8 @@ pub struct NodeDriver {
     known: KnownDevices,
     slots: BTreeMap<String, SlotInfo>,
     state: Mutex<NodeState>,
-    // Opened on first attach: prepare and unprepare of unattached claims need no kernel.
+    // Opened by recovery or on first attach: prepare and unprepare of unattached claims need no
+    // kernel.
     buses: Arc<std::sync::Mutex<Option<Buses<SystemKernel>>>>,
     health: watch::Sender<Vec<DeviceHealth>>,
 }
@@ -494,6 +594,149 @@ impl NodeDriver {
         Ok(())
     }
 
+    /// Whether the kernel handle of the data plane is open.
+    pub fn data_plane_open(&self) -> bool {
+        self.buses.lock().map(|b| b.is_some()).unwrap_or(false)
+    }
+
+    /// Start-up reconcile, before serving: see [`recover_on`](Self::recover_on), with the
+    /// host probed by [`HostCan::probe`].
+    pub async fn recover(&self) -> Result<RecoveryReport, NodeError> {
+        self.recover_on(HostCan::probe(&self.parts.inventory)).await
+    }
+
+    /// Drops checkpointed attachments whose namespace is gone, then reconciles the kernel
+    /// against the remaining ones (repairing what is missing, removing orphans) so that the
+    /// buses are known again and a hook call for an attached pod finds it attached. The kernel
+    /// is opened only when an attachment remains or the host has CAN. The checkpoint is saved
+    /// either way.
+    pub async fn recover_on(&self, host: HostCan) -> Result<RecoveryReport, NodeError> {
+        let mut state = self.state.lock().await;
+        let mut report = RecoveryReport {
+            dropped: state.drop_stale_attachments(),
+            reconciled: None,
+        };
+        for dropped in &report.dropped {
+            tracing::info!(
+                claim = %dropped.claim_uid,
+                request = %dropped.request,
+                pid = dropped.attachment.pid,
+                reason = %dropped.reason,
+                "dropping an attachment: its pod namespace is gone"
+            );
+        }
+        let desired = self.desired_state(&state);
+        let attached = desired.buses.iter().any(|b| !b.members.is_empty());
+        if attached || host == HostCan::Present {
+            let reconciled = self.reconcile(desired).await;
+            let reconciled = match reconciled {
+                Ok(reconciled) => reconciled,
+                Err(error) => {
+                    // Keep what was learnt about dead namespaces even though the kernel failed.
+                    if !report.dropped.is_empty()
+                        && let Err(save) = self.parts.checkpoint.save(&*state)
+                    {
+                        tracing::error!(error = %save, "saving the checkpoint failed");
+                    }
+                    tracing::error!(%error, "start-up reconcile failed");
+                    return Err(error);
+                }
+            };
+            for skipped in &reconciled.skipped {
+                let found = state.claims.iter_mut().find_map(|(uid, claim)| {
+                    claim
+                        .devices
+                        .iter_mut()
+                        .find(|d| member_id(uid, &d.request) == skipped.member)
+                        .map(|d| (uid.clone(), d))
+                });
+                if let Some((uid, device)) = found
+                    && let Some(attachment) = device.attachment.take()
+                {
+                    tracing::warn!(
+                        claim = %uid,
+                        request = %device.request,
+                        bus = %skipped.bus,
+                        reason = %skipped.reason,
+                        "member could not be restored; its attachment is dropped"
+                    );
+                    report.dropped.push(DroppedAttachment {
+                        claim_uid: uid,
+                        request: device.request.clone(),
+                        attachment,
+                        reason: skipped.reason.clone(),
+                    });
+                }
+            }
+            tracing::info!(
+                links_created = ?reconciled.links_created,
+                links_deleted = ?reconciled.links_deleted,
+                rules_added = reconciled.rules_added,
+                rules_deleted = reconciled.rules_deleted,
+                members_configured = ?reconciled.members_configured,
+                skipped = reconciled.skipped.len(),
+                "kernel reconciled with the checkpoint"
+            );
+            report.reconciled = Some(reconciled);
+        } else {
+            tracing::info!("nothing attached and no CAN in this kernel: nothing to reconcile");
+        }
+        if let Err(error) = self.parts.checkpoint.save(&*state) {
+            tracing::error!(%error, "saving the checkpoint after recovery failed");
+            return Err(error.into());
+        }
+        Ok(report)
+    }
+
+    /// The node-local buses with the members still attached, as the data plane should hold them.
+    fn desired_state(&self, state: &NodeState) -> DesiredState {
+        let mut buses: BTreeMap<String, BusSpec> = self
+            .slots
+            .values()
+            .map(|slot| (slot.bus.clone(), slot.spec.clone()))
+            .collect();
+        for (uid, claim) in &state.claims {
+            for device in &claim.devices {
+                let (Some(attachment), Some(bus)) = (device.attachment, buses.get_mut(&device.bus))
+                else {
+                    continue;
+                };
+                let id = member_id(uid, &device.request);
+                bus.members
+                    .push(device.member.spec(id, NetnsRef::Pid(attachment.pid)));
+            }
+        }
+        DesiredState {
+            buses: buses.into_values().collect(),
+        }
+    }
+
+    /// Opens the data plane if needed and reconciles it; members the reconcile had to skip are
+    /// removed from the data plane's state again, so a later hook call joins them afresh.
+    async fn reconcile(&self, desired: DesiredState) -> Result<ReconcileReport, NodeError> {
+        let buses = self.buses.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = buses
+                .lock()
+                .map_err(|_| NodeError::DataPlaneTask("the data plane lock is poisoned".into()))?;
+            let buses = match guard.as_mut() {
+                Some(buses) => buses,
+                None => guard.insert(Buses::new(
+                    SystemKernel::open().map_err(NodeError::DataPlaneOpen)?,
+                )),
+            };
+            let report = buses.reconcile(desired).map_err(NodeError::Reconcile)?;
+            for skipped in &report.skipped {
+                if let Err(error) = buses.leave(&skipped.bus, &skipped.member) {
+                    tracing::warn!(member = %skipped.member, %error, "forgetting a skipped member failed");
+                }
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(|e| NodeError::DataPlaneTask(e.to_string()))?
+    }
+
     async fn with_buses<T, F>(&self, work: F) -> Result<T, String>
     where
         T: Send + 'static,
@@ -663,5 +906,91 @@ impl Attacher for NodeDriver {
             .save(&*state)
             .map_err(|e| format!("member attached but the checkpoint failed: {e}"))?;
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn claim_with(attachments: &[(&str, Attachment)]) -> PreparedClaim {
+        PreparedClaim {
+            namespace: "ns".into(),
+            name: "c".into(),
+            devices: attachments
+                .iter()
+                .enumerate()
+                .map(|(k, (request, attachment))| PreparedMember {
+                    request: (*request).into(),
+                    pool: "node".into(),
+                    device: format!("body-m{k}"),
+                    share_id: None,
+                    bus: "body".into(),
+                    member: MemberParams {
+                        interface: format!("can{k}"),
+                        fd: false,
+                        access: Access::ReadWrite,
+                        transmit_allow: Vec::new(),
+                        receive_filters: Vec::new(),
+                        rx_shaping: None,
+                        tx_shaping: None,
+                    },
+                    cdi_device_id: format!("k8s.can.dra.dev/can=uid-{k}"),
+                    attachment: Some(*attachment),
+                })
+                .collect(),
+        }
+    }
+
+    fn own_attachment() -> Attachment {
+        let pid = std::process::id();
+        let id = Netns::from_pid(pid).unwrap().id();
+        Attachment {
+            pid,
+            netns_dev: id.dev,
+            netns_ino: id.ino,
+        }
+    }
+
+    #[test]
+    fn only_attachments_still_in_their_namespace_survive() {
+        let alive = own_attachment();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let dead = Attachment {
+            pid: dead_pid,
+            ..alive
+        };
+        let moved = Attachment {
+            netns_ino: alive.netns_ino + 1,
+            ..alive
+        };
+        let mut state = NodeState::default();
+        state.claims.insert(
+            "uid-1".into(),
+            claim_with(&[("alive", alive), ("dead", dead), ("moved", moved)]),
+        );
+
+        let dropped = state.drop_stale_attachments();
+
+        let requests: Vec<&str> = dropped.iter().map(|d| d.request.as_str()).collect();
+        assert_eq!(requests, ["dead", "moved"]);
+        assert!(dropped[0].reason.contains("gone"), "{}", dropped[0].reason);
+        assert!(
+            dropped[1].reason.contains("now lives in"),
+            "{}",
+            dropped[1].reason
+        );
+        let left: Vec<Option<Attachment>> = state.claims["uid-1"]
+            .devices
+            .iter()
+            .map(|d| d.attachment)
+            .collect();
+        assert_eq!(left, [Some(alive), None, None]);
+        // A second pass finds nothing more to drop.
+        assert!(state.drop_stale_attachments().is_empty());
     }
 }

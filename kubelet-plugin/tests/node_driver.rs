@@ -452,3 +452,165 @@ async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
     driver.update_controllers(&[can0(ControllerState::ErrorWarning)]);
     assert_eq!(statuses(&health), all(HealthStatus::Healthy));
 }
+
+/// A driver over the `body` bus whose checkpoint, written before it starts, holds claim
+/// `uid-r` with one member attached as `attachment` (or not attached).
+async fn restarted_driver(
+    root: &std::path::Path,
+    attachment: Option<can_dra_kubelet_plugin::node::Attachment>,
+) -> (NodeDriver, CheckpointStore, NodeState) {
+    use can_dra_dataplane::bus::model::Access;
+    use can_dra_kubelet_plugin::node::{MemberParams, PreparedClaim, PreparedMember};
+
+    let (_api, client, _) = server_with_node().await;
+    let mut state = NodeState::default();
+    state.claims.insert(
+        "uid-r".into(),
+        PreparedClaim {
+            namespace: "ns".into(),
+            name: "r".into(),
+            devices: vec![PreparedMember {
+                request: "a".into(),
+                pool: NODE.into(),
+                device: "body-m0".into(),
+                share_id: None,
+                bus: "body".into(),
+                member: MemberParams {
+                    interface: "ecu0".into(),
+                    fd: false,
+                    access: Access::ReadWrite,
+                    transmit_allow: Vec::new(),
+                    receive_filters: Vec::new(),
+                    rx_shaping: None,
+                    tx_shaping: None,
+                },
+                cdi_device_id: "k8s.can.dra.dev/can=uid-r-a".into(),
+                attachment,
+            }],
+        },
+    );
+    let checkpoint = CheckpointStore::new(root.join("checkpoint.json"));
+    checkpoint.save(&state).unwrap();
+    let driver = NodeDriver::new(NodeParts {
+        driver: DRIVER.into(),
+        node: NODE.into(),
+        inventory: Inventory {
+            physical: Vec::new(),
+            virtual_buses: vec![VirtualBus {
+                name: "body".into(),
+                bitrate: Bitrate::from_bits_per_second(500_000).unwrap(),
+                fd: false,
+                data_bitrate: None,
+                slots: 2,
+            }],
+        },
+        claims: ClaimReader::new(client.clone(), DRIVER),
+        status: StatusWriter::new(client, DRIVER),
+        cdi: CdiWriter::new(root.join("cdi"), DRIVER, "/hook"),
+        checkpoint: checkpoint.clone(),
+    })
+    .unwrap();
+    (driver, checkpoint, state)
+}
+
+fn own_attachment() -> can_dra_kubelet_plugin::node::Attachment {
+    let pid = std::process::id();
+    let id = can_dra_dataplane::netns::Netns::from_pid(pid).unwrap().id();
+    can_dra_kubelet_plugin::node::Attachment {
+        pid,
+        netns_dev: id.dev,
+        netns_ino: id.ino,
+    }
+}
+
+/// Recovery dropped exactly the `uid-r/a` attachment, without opening the kernel, and both the
+/// driver and the checkpoint file now hold the claim unattached.
+async fn assert_dropped_only_attachment(
+    driver: &NodeDriver,
+    checkpoint: &CheckpointStore,
+    before: &NodeState,
+    reason: &str,
+) {
+    use can_dra_kubelet_plugin::node::HostCan;
+
+    let report = driver.recover_on(HostCan::Absent).await.unwrap();
+    assert_eq!(report.dropped.len(), 1, "{report:?}");
+    assert_eq!(report.dropped[0].claim_uid, "uid-r");
+    assert_eq!(report.dropped[0].request, "a");
+    assert!(
+        report.dropped[0].reason.contains(reason),
+        "{}",
+        report.dropped[0].reason
+    );
+    assert!(report.reconciled.is_none());
+    assert!(!driver.data_plane_open());
+
+    let mut expected = before.clone();
+    for claim in expected.claims.values_mut() {
+        for device in &mut claim.devices {
+            device.attachment = None;
+        }
+    }
+    assert_eq!(driver.state().await, expected);
+    let on_disk: NodeState = checkpoint.load().unwrap();
+    assert_eq!(on_disk, expected);
+}
+
+#[tokio::test]
+async fn recover_drops_an_attachment_whose_pod_process_is_gone() {
+    let root = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let attachment = can_dra_kubelet_plugin::node::Attachment {
+        pid: dead_pid,
+        ..own_attachment()
+    };
+    let (driver, checkpoint, before) = restarted_driver(root.path(), Some(attachment)).await;
+    assert_dropped_only_attachment(&driver, &checkpoint, &before, "gone").await;
+}
+
+#[tokio::test]
+async fn recover_drops_an_attachment_whose_pid_lives_in_another_namespace() {
+    let root = tempfile::tempdir().unwrap();
+    let mut attachment = own_attachment();
+    attachment.netns_ino += 1;
+    let (driver, checkpoint, before) = restarted_driver(root.path(), Some(attachment)).await;
+    assert_dropped_only_attachment(&driver, &checkpoint, &before, "now lives in").await;
+}
+
+#[tokio::test]
+async fn recover_without_attachments_on_a_host_without_can_leaves_the_kernel_alone() {
+    use can_dra_kubelet_plugin::node::HostCan;
+
+    let root = tempfile::tempdir().unwrap();
+    let (driver, checkpoint, before) = restarted_driver(root.path(), None).await;
+
+    let report = driver.recover_on(HostCan::Absent).await.unwrap();
+
+    assert!(report.dropped.is_empty());
+    assert!(report.reconciled.is_none());
+    assert!(!driver.data_plane_open());
+    assert_eq!(driver.state().await, before);
+    assert_eq!(checkpoint.load::<NodeState>().unwrap(), before);
+}
+
+#[test]
+fn a_node_with_can_controllers_counts_as_having_can() {
+    use can_dra_kubelet_plugin::inventory::{ControllerState, PhysicalController};
+    use can_dra_kubelet_plugin::node::HostCan;
+
+    let inventory = Inventory {
+        physical: vec![PhysicalController {
+            interface: "can0".into(),
+            controller: "gs_usb".into(),
+            bitrate: Bitrate::from_bits_per_second(500_000),
+            data_bitrate: None,
+            fd: false,
+            state: ControllerState::ErrorActive,
+            slots: 1,
+        }],
+        virtual_buses: Vec::new(),
+    };
+    assert_eq!(HostCan::probe(&inventory), HostCan::Present);
+}
