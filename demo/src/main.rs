@@ -110,7 +110,19 @@ fn main() -> anyhow::Result<()> {
 
     step("1. the ECU sends 100 frames (id 0x100), 10 ms apart");
     let (seen, sent) = exchange(&namespaces, 0, ECU_ID, 100, Duration::from_millis(10))?;
-    report(&seen, ECU_ID, 0);
+    let counts = report(&seen, ECU_ID, 0);
+    let mut checks = Checks::default();
+    checks.expect(
+        counts[0] == 100 && counts[1] == 100 && counts[3] == 100,
+        "every ECU frame reached pod-a and pod-c once, and none came back to the ECU",
+    );
+    checks.expect(
+        (50..100).contains(&counts[2]),
+        format!(
+            "pod-b lost some ECU frames to its 10% loss ({} of 100 arrived)",
+            counts[2]
+        ),
+    );
     let latency_a = mean_latency(&seen[1], &sent, ECU_ID);
     let latency_b = mean_latency(&seen[2], &sent, ECU_ID);
     println!(
@@ -118,14 +130,30 @@ fn main() -> anyhow::Result<()> {
         latency_a * 1e3,
         latency_b * 1e3
     );
+    checks.expect(
+        latency_b >= 0.020 && latency_a < 0.010,
+        format!(
+            "pod-b's frames were delayed at least 20 ms ({:.1} ms), pod-a's were not ({:.2} ms)",
+            latency_b * 1e3,
+            latency_a * 1e3
+        ),
+    );
 
     step("2. pod-a sends 50 frames (id 0x200): the ECU and the other pods receive them");
     let (seen, _) = exchange(&namespaces, 1, POD_A_ID, 50, Duration::from_millis(10))?;
-    report(&seen, POD_A_ID, 1);
+    let counts = report(&seen, POD_A_ID, 1);
+    checks.expect(
+        counts[0] == 50 && counts[1] == 50 && counts[3] == 50,
+        "every pod-a frame reached the ECU (through the physical controller) and pod-c once",
+    );
 
     step("3. pod-c (listen-only) tries to send 20 frames (id 0x7FF)");
     let (seen, _) = exchange(&namespaces, 3, MONITOR_ID, 20, Duration::from_millis(2))?;
-    report(&seen, MONITOR_ID, 3);
+    let counts = report(&seen, MONITOR_ID, 3);
+    checks.expect(
+        counts[0] == 0 && counts[1] == 0 && counts[2] == 0,
+        "nothing pod-c sent reached anyone",
+    );
 
     step("4. the ECU bursts 400 frames back to back: pod-b's member gets a 20 kbit/s bus");
     let (seen, _) = exchange(&namespaces, 0, ECU_ID, 400, Duration::ZERO)?;
@@ -142,6 +170,14 @@ fn main() -> anyhow::Result<()> {
                 f64::INFINITY
             };
             println!("    {name}: {} frames at {rate:.0} frames/s", frames.len());
+            if *name == "pod-b" {
+                checks.expect(
+                    rate < 148.0 * 1.2,
+                    format!(
+                        "pod-b received at most a 20 kbit/s bus's frame rate ({rate:.0} frames/s)"
+                    ),
+                );
+            }
         }
     }
     println!("    (a 20 kbit/s bus carries at most 20000/135 = 148 worst-case 8-byte frames/s)");
@@ -182,17 +218,38 @@ fn main() -> anyhow::Result<()> {
         bail!("links left behind in the node namespace: {left:?}");
     }
     println!("    node namespace holds only lo and can0 again");
+    checks.expect(
+        monitor_dropped == 20,
+        format!("the kernel counted pod-c's blocked frames ({monitor_dropped} of 20)"),
+    );
+    checks.expect(true, "teardown left nothing behind");
 
     println!("\nsummary:");
-    println!(
-        "  - every frame from the ECU and from pod-a reached every other party once (see the tables)"
-    );
-    println!(
-        "  - pod-b's member saw ~20 ms delay, ~10% loss and a 20 kbit/s rate; the others were untouched"
-    );
-    println!("  - pod-c could listen but not send: {monitor_dropped} frames blocked and counted");
-    println!("  - teardown left nothing behind");
-    Ok(())
+    checks.finish()
+}
+
+/// What the demo shows, checked rather than asserted in prose.
+#[derive(Default)]
+struct Checks {
+    results: Vec<(bool, String)>,
+}
+
+impl Checks {
+    fn expect(&mut self, ok: bool, what: impl Into<String>) {
+        self.results.push((ok, what.into()));
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        let failed = self.results.iter().filter(|(ok, _)| !ok).count();
+        for (ok, what) in &self.results {
+            println!("  [{}] {what}", if *ok { "ok" } else { "FAILED" });
+        }
+        if failed > 0 {
+            bail!("{failed} of {} checks failed", self.results.len());
+        }
+        println!("  all {} checks passed", self.results.len());
+        Ok(())
+    }
 }
 
 fn step(text: &str) {
@@ -237,9 +294,12 @@ const QUIET: Duration = Duration::from_millis(1000);
 
 const NAMES: [&str; 4] = ["ecu (wire)", "pod-a", "pod-b", "pod-c"];
 
-fn report(seen: &Observations, id: u16, sender: usize) {
+/// Prints and returns how many frames with `id` each party received.
+fn report(seen: &Observations, id: u16, sender: usize) -> Vec<usize> {
+    let mut counts = Vec::with_capacity(seen.len());
     for (index, frames) in seen.iter().enumerate() {
         let count = frames.iter().filter(|s| s.id == u32::from(id)).count();
+        counts.push(count);
         let note = if index == sender {
             " (the sender's namespace: its local echo only; the bus sent nothing back)"
         } else {
@@ -247,6 +307,7 @@ fn report(seen: &Observations, id: u16, sender: usize) {
         };
         println!("    {:<11} received {count:>4}{note}", NAMES[index]);
     }
+    counts
 }
 
 fn mean_latency(seen: &[Seen], sent: &[Instant], id: u16) -> f64 {
