@@ -352,12 +352,57 @@ fn v1_device(device: PreparedDevice) -> v1::Device {
     }
 }
 
-fn v1beta1_device(device: PreparedDevice) -> v1beta1::Device {
+/// v1beta1 is v1 without `share_id`.
+fn v1beta1_device(device: v1::Device) -> v1beta1::Device {
     v1beta1::Device {
         request_names: device.request_names,
         pool_name: device.pool_name,
         device_name: device.device_name,
         cdi_device_ids: device.cdi_device_ids,
+    }
+}
+
+impl<D: Driver> DraService<D> {
+    /// The v1 answer to a prepare call; the v1beta1 service converts it, so the mapping from the
+    /// driver's answers to the wire lives here once.
+    async fn prepare_v1(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> Result<v1::NodePrepareResourcesResponse, Status> {
+        let answers = self.prepare(claims).await?;
+        let claims = answers
+            .into_iter()
+            .map(|(uid, answer)| {
+                let answer = match answer {
+                    Ok(devices) => v1::NodePrepareResourceResponse {
+                        devices: devices.into_iter().map(v1_device).collect(),
+                        error: String::new(),
+                    },
+                    Err(error) => v1::NodePrepareResourceResponse {
+                        devices: Vec::new(),
+                        error,
+                    },
+                };
+                (uid, answer)
+            })
+            .collect();
+        Ok(v1::NodePrepareResourcesResponse { claims })
+    }
+
+    /// The v1 answer to an unprepare call (v1beta1 converts it).
+    async fn unprepare_v1(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> Result<v1::NodeUnprepareResourcesResponse, Status> {
+        let answers = self.unprepare(claims).await?;
+        let claims = answers
+            .into_iter()
+            .map(|(uid, answer)| {
+                let error = answer.err().unwrap_or_default();
+                (uid, v1::NodeUnprepareResourceResponse { error })
+            })
+            .collect();
+        Ok(v1::NodeUnprepareResourcesResponse { claims })
     }
 }
 
@@ -376,24 +421,7 @@ impl<D: Driver> v1::dra_plugin_server::DraPlugin for DraV1<D> {
                 .into_iter()
                 .map(|c| claim_ref(c.namespace, c.uid, c.name))
                 .collect();
-            let answers = service.prepare(claims).await?;
-            let claims = answers
-                .into_iter()
-                .map(|(uid, answer)| {
-                    let answer = match answer {
-                        Ok(devices) => v1::NodePrepareResourceResponse {
-                            devices: devices.into_iter().map(v1_device).collect(),
-                            error: String::new(),
-                        },
-                        Err(error) => v1::NodePrepareResourceResponse {
-                            devices: Vec::new(),
-                            error,
-                        },
-                    };
-                    (uid, answer)
-                })
-                .collect();
-            let response = v1::NodePrepareResourcesResponse { claims };
+            let response = service.prepare_v1(claims).await?;
             tracing::debug!(?response, "response");
             Ok(Response::new(response))
         }
@@ -414,15 +442,7 @@ impl<D: Driver> v1::dra_plugin_server::DraPlugin for DraV1<D> {
                 .into_iter()
                 .map(|c| claim_ref(c.namespace, c.uid, c.name))
                 .collect();
-            let answers = service.unprepare(claims).await?;
-            let claims = answers
-                .into_iter()
-                .map(|(uid, answer)| {
-                    let error = answer.err().unwrap_or_default();
-                    (uid, v1::NodeUnprepareResourceResponse { error })
-                })
-                .collect();
-            let response = v1::NodeUnprepareResourcesResponse { claims };
+            let response = service.unprepare_v1(claims).await?;
             tracing::debug!(?response, "response");
             Ok(Response::new(response))
         }
@@ -446,19 +466,15 @@ impl<D: Driver> v1beta1::dra_plugin_server::DraPlugin for DraV1beta1<D> {
                 .into_iter()
                 .map(|c| claim_ref(c.namespace, c.uid, c.name))
                 .collect();
-            let answers = service.prepare(claims).await?;
-            let claims = answers
+            let claims = service
+                .prepare_v1(claims)
+                .await?
+                .claims
                 .into_iter()
                 .map(|(uid, answer)| {
-                    let answer = match answer {
-                        Ok(devices) => v1beta1::NodePrepareResourceResponse {
-                            devices: devices.into_iter().map(v1beta1_device).collect(),
-                            error: String::new(),
-                        },
-                        Err(error) => v1beta1::NodePrepareResourceResponse {
-                            devices: Vec::new(),
-                            error,
-                        },
+                    let answer = v1beta1::NodePrepareResourceResponse {
+                        devices: answer.devices.into_iter().map(v1beta1_device).collect(),
+                        error: answer.error,
                     };
                     (uid, answer)
                 })
@@ -484,11 +500,13 @@ impl<D: Driver> v1beta1::dra_plugin_server::DraPlugin for DraV1beta1<D> {
                 .into_iter()
                 .map(|c| claim_ref(c.namespace, c.uid, c.name))
                 .collect();
-            let answers = service.unprepare(claims).await?;
-            let claims = answers
+            let claims = service
+                .unprepare_v1(claims)
+                .await?
+                .claims
                 .into_iter()
                 .map(|(uid, answer)| {
-                    let error = answer.err().unwrap_or_default();
+                    let error = answer.error;
                     (uid, v1beta1::NodeUnprepareResourceResponse { error })
                 })
                 .collect();
