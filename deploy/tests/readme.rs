@@ -15,18 +15,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use can_dra_api::{API_VERSION, ConfigError, MemberConfig, NodeConfig};
-use can_dra_controller::canbus::{CanBus, CanBusSpec};
 use can_dra_deploy::{Document, split_documents};
-use can_dra_kubelet_plugin::inventory::{
-    ControllerState, Inventory, PhysicalController, VirtualBus,
-};
-use k8s_openapi::api::resource::v1::{Device, DeviceAttribute};
+use common::{DRIVER, sample_devices};
+use k8s_openapi::api::resource::v1::DeviceAttribute;
 use serde_json::{Value, json};
 
 const README: &str = include_str!("../../README.md");
-
-/// The driver name the README's examples use.
-const DRIVER: &str = "can.dra.dev";
 
 // ---------------------------------------------------------------------------------------------
 // Reading the README
@@ -467,81 +461,6 @@ fn the_coverage_check_sees_a_missing_and_a_stale_row() {
 // ---------------------------------------------------------------------------------------------
 // Device attributes
 
-/// Where a device comes from: the words of the README's "On" column.
-const PHYSICAL: &str = "physical";
-const VIRTUAL: &str = "virtual";
-const CANBUS: &str = "CanBus";
-
-fn rate(text: &str) -> can_dra_api::Bitrate {
-    text.parse().unwrap()
-}
-
-/// Devices of every kind the driver publishes, with every optional attribute both present and
-/// absent: an FD controller with rates and a classic one without, FD and classic node-local
-/// buses, FD and classic CanBuses.
-fn sample_devices() -> Vec<(&'static str, Device)> {
-    let controller = |interface: &str, fd: bool, bitrate: Option<&str>| PhysicalController {
-        interface: interface.into(),
-        controller: if fd { "gs_usb" } else { "unknown" }.into(),
-        bitrate: bitrate.map(rate),
-        data_bitrate: fd.then(|| rate("2M")),
-        fd,
-        state: if fd {
-            ControllerState::ErrorActive
-        } else {
-            ControllerState::Unknown
-        },
-        slots: 2,
-    };
-    let physical = Inventory {
-        physical: vec![
-            controller("can0", true, Some("500k")),
-            controller("vcan0", false, None),
-        ],
-        virtual_buses: Vec::new(),
-    };
-    let node_bus = |name: &str, fd: bool| VirtualBus {
-        name: name.into(),
-        bitrate: rate("125k"),
-        fd,
-        data_bitrate: fd.then(|| rate("1M")),
-        slots: 2,
-    };
-    let virtual_buses = Inventory {
-        physical: Vec::new(),
-        virtual_buses: vec![node_bus("body", false), node_bus("chassis", true)],
-    };
-    let canbus = |name: &str, fd: bool| {
-        let mut spec = CanBusSpec::new("500k");
-        spec.fd = fd;
-        spec.data_bitrate = fd.then(|| "5M".to_owned());
-        spec.max_members = 2;
-        can_dra_controller::slices::member_devices(&CanBus::new(name, spec)).unwrap()
-    };
-    let mut out = Vec::new();
-    out.extend(
-        physical
-            .devices()
-            .unwrap()
-            .into_iter()
-            .map(|d| (PHYSICAL, d)),
-    );
-    out.extend(
-        virtual_buses
-            .devices()
-            .unwrap()
-            .into_iter()
-            .map(|d| (VIRTUAL, d)),
-    );
-    out.extend(
-        canbus("powertrain", true)
-            .into_iter()
-            .chain(canbus("diag", false))
-            .map(|d| (CANBUS, d)),
-    );
-    out
-}
-
 fn attribute_type(attribute: &DeviceAttribute) -> &'static str {
     match attribute {
         DeviceAttribute { int: Some(_), .. } => "int",
@@ -618,51 +537,10 @@ fn attribute_reference_covers_every_published_attribute() {
     }
 }
 
-/// The `device` variable of a DRA CEL selector for one device of this driver.
-fn cel_device(device: &Device) -> cel::Value {
-    let attributes: serde_json::Map<String, Value> = device
-        .attributes
-        .iter()
-        .flatten()
-        .map(|(name, a)| {
-            let value = serde_json::to_value(a).unwrap();
-            let inner = value.as_object().unwrap().values().next().unwrap().clone();
-            (name.clone(), inner)
-        })
-        .collect();
-    common::to_cel(&json!({
-        "driver": DRIVER,
-        "attributes": {DRIVER: attributes},
-        "capacity": {DRIVER: {}},
-        "allowMultipleAllocations": false,
-    }))
-}
-
 #[test]
 fn example_selectors_evaluate_on_every_device_and_select_some() {
-    let devices = sample_devices();
     for (name, (_, _, example)) in attribute_rows() {
-        let program = cel::Program::compile(&example)
-            .unwrap_or_else(|e| panic!("README: selector of {name}: {example}: {e}"));
-        let mut selected = 0;
-        for (source, device) in &devices {
-            let mut context = cel::Context::default();
-            context.add_variable_from_value("device", cel_device(device));
-            // An error (such as a missing attribute) makes the scheduler skip the device with
-            // an error instead of a plain no: the README's examples must not cause one.
-            match program.execute(&context) {
-                Ok(cel::Value::Bool(true)) => selected += 1,
-                Ok(cel::Value::Bool(false)) => {}
-                other => panic!(
-                    "README: selector of {name} on {source} device {}: {example}: {other:?}",
-                    device.name
-                ),
-            }
-        }
-        assert!(
-            selected > 0,
-            "README: selector of {name} selects no sample device"
-        );
+        assert_selects_some(&example, &format!("README: selector of {name}"));
     }
 }
 
@@ -720,6 +598,81 @@ fn every_document_in_the_readme_is_valid() {
             "no {kind} checked in README: {kinds:?}"
         );
     }
+}
+
+/// Evaluates `expression` on every sample device: it must never fail, and must select one.
+fn assert_selects_some(expression: &str, what: &str) {
+    let devices = common::sample_devices();
+    let mut selected = 0;
+    for (source, device) in &devices {
+        // The scheduler takes a CEL error (such as a missing attribute) as an error, not as a
+        // plain no: what the README shows must not cause one.
+        match common::select(expression, device) {
+            Ok(true) => selected += 1,
+            Ok(false) => {}
+            Err(error) => panic!(
+                "{what} on {source} device {}: {expression}: {error}",
+                device.name
+            ),
+        }
+    }
+    assert!(
+        selected > 0,
+        "{what} selects no sample device: {expression}"
+    );
+}
+
+#[test]
+fn the_selectors_of_the_readme_claims_evaluate_on_published_devices() {
+    let mut checked = 0;
+    for block in code_blocks(README, "yaml") {
+        for text in split_documents(&block) {
+            let object: Value =
+                serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap())
+                    .unwrap();
+            let requests = object["spec"]["spec"]["devices"]["requests"]
+                .as_array()
+                .into_iter()
+                .chain(object["spec"]["devices"]["requests"].as_array())
+                .flatten();
+            for request in requests {
+                for selector in request["exactly"]["selectors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let expression = selector["cel"]["expression"].as_str().unwrap();
+                    assert_selects_some(expression, "README: a claim's selector");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "no claim selector found in README");
+}
+
+#[test]
+fn the_error_examples_are_what_the_parser_says() {
+    // The README shows these errors without their input; these are the inputs.
+    let inputs = [
+        json!({"shaping": {"rx": {"lossy": "1%"}}}),
+        json!({"shaping": {"rx": {"loss": "120%"}}}),
+        json!({"receiveFilters": [{"id": 1}, {"id": 2}, {"id": "0x800"}]}),
+        json!({"interfaceName": "eth0/1"}),
+    ];
+    let errors: Vec<String> = inputs
+        .into_iter()
+        .map(|mut doc| {
+            doc["apiVersion"] = json!(API_VERSION);
+            doc["kind"] = json!("MemberConfig");
+            MemberConfig::from_json_value(&doc).unwrap_err().to_string()
+        })
+        .collect();
+    let shown = code_blocks(README, "text")
+        .into_iter()
+        .find(|b| b.contains("120% is above 100%"))
+        .expect("README shows the parser's errors");
+    assert_eq!(shown.lines().collect::<Vec<_>>(), errors);
 }
 
 #[test]

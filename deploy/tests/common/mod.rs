@@ -6,7 +6,16 @@ use std::path::{Path, PathBuf};
 use can_dra_deploy::{Document, Release, chart_dir, render_chart, split_documents};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
+
+use can_dra_controller::canbus::{CanBus, CanBusSpec};
+use can_dra_kubelet_plugin::inventory::{
+    ControllerState, Inventory, PhysicalController, VirtualBus,
+};
+use k8s_openapi::api::resource::v1::Device;
+
+/// The driver name of the examples and the chart's defaults.
+pub const DRIVER: &str = "can.dra.dev";
 
 /// The repository root (the workspace).
 pub fn repo_root() -> PathBuf {
@@ -237,5 +246,115 @@ pub fn to_cel(value: &Value) -> cel::Value {
                 .map(|(k, v)| (k.clone(), to_cel(v)))
                 .collect::<std::collections::HashMap<String, Cel>>(),
         ),
+    }
+}
+
+/// Where a sample device comes from (the words of the README's "On" column): a physical
+/// controller's slot or a node-local virtual bus's slot in a node's pool, or a CanBus slot.
+pub const PHYSICAL: &str = "physical";
+/// See [`PHYSICAL`].
+pub const VIRTUAL: &str = "virtual";
+/// See [`PHYSICAL`].
+pub const CANBUS: &str = "CanBus";
+
+fn rate(text: &str) -> can_dra_api::Bitrate {
+    text.parse().unwrap()
+}
+
+/// Devices of every kind the driver publishes, with every optional attribute both present and
+/// absent: an FD controller with rates and a classic one without, FD and classic node-local
+/// buses, FD and classic CanBuses.
+pub fn sample_devices() -> Vec<(&'static str, Device)> {
+    let controller = |interface: &str, fd: bool, bitrate: Option<&str>| PhysicalController {
+        interface: interface.into(),
+        controller: if fd { "gs_usb" } else { "unknown" }.into(),
+        bitrate: bitrate.map(rate),
+        data_bitrate: fd.then(|| rate("2M")),
+        fd,
+        state: if fd {
+            ControllerState::ErrorActive
+        } else {
+            ControllerState::Unknown
+        },
+        slots: 2,
+    };
+    let physical = Inventory {
+        physical: vec![
+            controller("can0", true, Some("500k")),
+            controller("vcan0", false, None),
+        ],
+        virtual_buses: Vec::new(),
+    };
+    let node_bus = |name: &str, fd: bool| VirtualBus {
+        name: name.into(),
+        bitrate: rate("125k"),
+        fd,
+        data_bitrate: fd.then(|| rate("1M")),
+        slots: 2,
+    };
+    let virtual_buses = Inventory {
+        physical: Vec::new(),
+        virtual_buses: vec![node_bus("body", false), node_bus("chassis", true)],
+    };
+    let canbus = |name: &str, fd: bool| {
+        let mut spec = CanBusSpec::new("500k");
+        spec.fd = fd;
+        spec.data_bitrate = fd.then(|| "5M".to_owned());
+        spec.max_members = 2;
+        can_dra_controller::slices::member_devices(&CanBus::new(name, spec)).unwrap()
+    };
+    let mut out = Vec::new();
+    out.extend(
+        physical
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|d| (PHYSICAL, d)),
+    );
+    out.extend(
+        virtual_buses
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|d| (VIRTUAL, d)),
+    );
+    out.extend(
+        canbus("powertrain", true)
+            .into_iter()
+            .chain(canbus("diag", false))
+            .map(|d| (CANBUS, d)),
+    );
+    out
+}
+
+/// The `device` variable of a DRA CEL selector for one device of this driver.
+fn cel_device(device: &Device) -> cel::Value {
+    let attributes: serde_json::Map<String, Value> = device
+        .attributes
+        .iter()
+        .flatten()
+        .map(|(name, a)| {
+            let value = serde_json::to_value(a).unwrap();
+            let inner = value.as_object().unwrap().values().next().unwrap().clone();
+            (name.clone(), inner)
+        })
+        .collect();
+    to_cel(&json!({
+        "driver": DRIVER,
+        "attributes": {DRIVER: attributes},
+        "capacity": {DRIVER: {}},
+        "allowMultipleAllocations": false,
+    }))
+}
+
+/// Evaluates a DRA device selector on `device` of driver [`DRIVER`]: its boolean result, or why
+/// it failed to compile or evaluate.
+pub fn select(expression: &str, device: &Device) -> Result<bool, String> {
+    let program = cel::Program::compile(expression).map_err(|e| e.to_string())?;
+    let mut context = cel::Context::default();
+    context.add_variable_from_value("device", cel_device(device));
+    match program.execute(&context) {
+        Ok(cel::Value::Bool(selected)) => Ok(selected),
+        other => Err(format!("{other:?}")),
     }
 }
