@@ -15,7 +15,7 @@ fn every_yaml_file_parses() {
     let root = common::repo_root();
     let files: Vec<_> = common::yaml_files(&root.join("deploy"))
         .into_iter()
-        .chain(common::yaml_files(&root.join("demo/kind")))
+        .chain(common::yaml_files(&root.join("demo")))
         .collect();
     assert!(files.len() >= 10, "found only {files:?}");
     for file in files {
