@@ -2,10 +2,12 @@
 //! - its MemberConfig, NodeConfig and CanBus tables cover every field of the types, as the types'
 //!   own deserialisers (and the CRD schema) report them, and document no field that does not exist;
 //! - its device attribute table covers every attribute the node daemon and the controller publish,
-//!   computed by their publishing code for sample inventories and buses, with the right types, and
-//!   its example selectors evaluate on those devices;
+//!   computed by their publishing code for sample inventories and buses, with the right types;
+//! - its selectors (attribute examples and claims) evaluate without error on those devices and
+//!   select some of them;
 //! - every document it shows is valid: claim parameters and node configurations pass the `api`
-//!   validation, Kubernetes objects deserialise into their types with no unknown field.
+//!   validation, Kubernetes objects deserialise into their types with no unknown field; and the
+//!   parser errors it shows are the parser's.
 
 // Test helpers outside #[test] functions panic on bad input by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,6 +46,7 @@ impl Table {
     }
 }
 
+/// The cells of a table line.
 fn cells(line: &str) -> Vec<String> {
     // `\|` is a literal bar inside a cell.
     let line = line.trim().trim_start_matches('|').trim_end_matches('|');
@@ -316,12 +319,19 @@ fn canbus_spec_fields() -> Fields {
 }
 
 /// What the README documents under `headings`: each table's rows name fields relative to the
-/// object paths given with its heading. Returns path -> the row's Type cell.
+/// object paths given with its heading, each with a type, default, rules and an example.
+/// Returns path -> the row's Type cell.
 fn documented(all: &[Table], headings: &[(&str, &[&str])]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (heading, objects) in headings {
         let table = table(all, heading);
         for row in &table.rows {
+            for column in ["Type", "Default", "Rules", "Example"] {
+                assert!(
+                    !table.cell(row, column).is_empty(),
+                    "{heading}: {column} missing in {row:?}"
+                );
+            }
             let name = code_spans(table.cell(row, "Field"))
                 .into_iter()
                 .next()
