@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use can_dra_api::MemberConfig;
 use cel::{Context, Program, Value as Cel};
+use common::to_cel;
 use serde_json::{Value, json};
 
 /// One policy: its variables and validations, compiled.
@@ -75,25 +76,6 @@ impl Policy {
                 other => Some(format!("{message} (evaluation: {other:?})")),
             })
             .collect()
-    }
-}
-
-/// JSON to CEL as the API server's unstructured conversion does it: integers are `int`.
-fn to_cel(value: &Value) -> Cel {
-    match value {
-        Value::Null => Cel::Null,
-        Value::Bool(b) => Cel::Bool(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => Cel::Int(i),
-            None => Cel::Float(n.as_f64().unwrap()),
-        },
-        Value::String(s) => Cel::String(s.clone().into()),
-        Value::Array(items) => Cel::List(items.iter().map(to_cel).collect::<Vec<_>>().into()),
-        Value::Object(map) => Cel::from(
-            map.iter()
-                .map(|(k, v)| (k.clone(), to_cel(v)))
-                .collect::<HashMap<String, Cel>>(),
-        ),
     }
 }
 

@@ -8,24 +8,8 @@
 mod common;
 
 use can_dra_api::{MemberConfig, NodeConfig};
+use common::opaque_parameters;
 use serde_json::Value;
-
-/// The opaque parameters for `driver` in a DeviceClass, ResourceClaim or ResourceClaimTemplate.
-fn opaque_parameters<'a>(object: &'a Value, driver: &str) -> Vec<&'a Value> {
-    let configs = match object["kind"].as_str() {
-        Some("DeviceClass") => &object["spec"]["config"],
-        Some("ResourceClaim") => &object["spec"]["devices"]["config"],
-        Some("ResourceClaimTemplate") => &object["spec"]["spec"]["devices"]["config"],
-        _ => return Vec::new(),
-    };
-    configs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["opaque"]["driver"] == driver)
-        .map(|c| &c["opaque"]["parameters"])
-        .collect()
-}
 
 #[test]
 fn demo_claim_parameters_are_valid_member_configs() {
