@@ -168,11 +168,16 @@ fn not_run(name: &str, kernel: bool, why: &str) -> Stage {
 
 /// Checks the observer tools, decides the mode and, for the VM, fetches the kernel and builds the initramfs.
 pub(crate) fn prepare_kernel_tests() -> Result<(Mode, String)> {
+    prepare_kernel("kernel tests")
+}
+
+/// [`prepare_kernel_tests`] for anything else that needs the CAN kernel (`what` names it in the messages).
+pub(crate) fn prepare_kernel(what: &str) -> Result<(Mode, String)> {
     eprintln!("==> checking prerequisites");
     prerequisites::ensure(prerequisites::OBSERVERS)?;
     let (mode, why) = choose_mode()?;
     eprintln!(
-        "==> kernel tests will run {} ({why})",
+        "==> {what} will run {} ({why})",
         if mode == Mode::Native {
             "natively"
         } else {
