@@ -123,3 +123,55 @@ pub async fn start_api_server(claims: &[PodClaim]) -> anyhow::Result<ApiServer> 
     }
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use can_dra_api::{Access, MemberConfig, NodeConfig};
+
+    #[test]
+    fn every_claims_parameters_pass_the_api_validation_and_mean_what_the_demo_says() {
+        let claims = pod_claims();
+        let resolved: Vec<_> = claims
+            .iter()
+            .map(|claim| {
+                let mut parameters = claim.parameters.clone();
+                parameters["apiVersion"] = json!("can.dra.dev/v1alpha1");
+                parameters["kind"] = json!("MemberConfig");
+                MemberConfig::from_json_value(&parameters)
+                    .and_then(|config| config.resolve(0))
+                    .unwrap_or_else(|error| panic!("{}: {error}", claim.claim))
+            })
+            .collect();
+        assert_eq!(resolved[0].access, Access::ReadWrite);
+        assert!(resolved[0].shaping.rx.is_unshaped());
+        let slow = resolved[1].shaping.rx;
+        assert_eq!(slow.bitrate.map(|b| b.bits_per_second()), Some(20_000));
+        assert_eq!(slow.delay, std::time::Duration::from_millis(20));
+        assert_eq!(slow.loss.millionths(), 100_000);
+        assert_eq!(resolved[2].access, Access::ListenOnly);
+        for member in &resolved {
+            assert_eq!(member.interface_name.as_str(), "can0");
+        }
+    }
+
+    #[test]
+    fn claims_are_allocated_on_distinct_slots_of_the_published_controller() {
+        let config = NodeConfig::from_yaml_str(&node_config_yaml()).unwrap();
+        assert!(config.publishes_physical(CONTROLLER));
+        // The daemon's own member host ends are vxcan links too: they must not be published.
+        assert!(!config.publishes_physical("cdra0142530b7ac"));
+        let claims = pod_claims();
+        let mut devices: Vec<&str> = claims.iter().map(|c| c.device.as_str()).collect();
+        devices.dedup();
+        assert_eq!(devices.len(), claims.len());
+        for claim in &claims {
+            let object = serde_json::to_value(claim.object().unwrap()).unwrap();
+            let result = &object["status"]["allocation"]["devices"]["results"][0];
+            assert_eq!(result["pool"], NODE);
+            assert_eq!(result["driver"], DRIVER);
+            let slot: u32 = claim.device[CONTROLLER.len() + 2..].parse().unwrap();
+            assert!(slot < SLOTS, "{} is not a published slot", claim.device);
+        }
+    }
+}

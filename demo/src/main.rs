@@ -130,7 +130,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         outcome
     });
-    if let (Err(_), Some(log)) = (&result, daemon_log) {
+    if let (Err(_), Some(log)) = (&result, daemon_log.filter(|log| !log.trim().is_empty())) {
         eprintln!("the daemon's log ends with:\n{log}");
     }
     result
