@@ -113,6 +113,7 @@ pub struct CdiWriter {
     directory: PathBuf,
     vendor: String,
     hook_path: PathBuf,
+    hook_socket: Option<PathBuf>,
 }
 
 impl CdiWriter {
@@ -127,7 +128,16 @@ impl CdiWriter {
             directory: directory.into(),
             vendor: format!("k8s.{driver_name}"),
             hook_path: hook_path.into(),
+            hook_socket: None,
         }
+    }
+
+    /// Makes the specs tell the hook where the daemon's hook socket is (`--socket`). Needed
+    /// whenever the socket is not at the hook's built-in default, which only holds for the
+    /// default driver name and kubelet plugin directory.
+    pub fn with_hook_socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.hook_socket = Some(socket.into());
+        self
     }
 
     /// `vendor/class`, e.g. `k8s.can.dra.dev/can`.
@@ -155,6 +165,18 @@ impl CdiWriter {
             .map(|device| {
                 let name = Self::device_name(claim_uid, &device.pool, &device.device);
                 validate_device_name(&name)?;
+                let mut args = vec![
+                    "can-dra-cdi-hook".to_string(),
+                    "--claim".to_string(),
+                    claim_uid.to_string(),
+                    "--pool".to_string(),
+                    device.pool.clone(),
+                    "--device".to_string(),
+                    device.device.clone(),
+                ];
+                if let Some(socket) = &self.hook_socket {
+                    args.extend(["--socket".to_string(), socket.display().to_string()]);
+                }
                 Ok(Device {
                     name,
                     container_edits: ContainerEdits {
@@ -169,15 +191,7 @@ impl CdiWriter {
                         hooks: vec![Hook {
                             hook_name: "createRuntime".to_string(),
                             path: self.hook_path.display().to_string(),
-                            args: vec![
-                                "can-dra-cdi-hook".to_string(),
-                                "--claim".to_string(),
-                                claim_uid.to_string(),
-                                "--pool".to_string(),
-                                device.pool.clone(),
-                                "--device".to_string(),
-                                device.device.clone(),
-                            ],
+                            args,
                             timeout: Some(HOOK_TIMEOUT_SECONDS),
                         }],
                     },
@@ -341,6 +355,18 @@ mod tests {
                 "--device",
                 "can0-m0"
             ]
+        );
+    }
+
+    #[test]
+    fn a_hook_socket_is_passed_to_the_hook() {
+        let writer = CdiWriter::new("/nonexistent", "example.com", "/hook")
+            .with_hook_socket("/var/lib/kubelet/plugins/example.com/hook.sock");
+        let spec = writer.spec("uid", &[device("bus", "can0-m0")]).unwrap();
+        let args = &spec.devices[0].container_edits.hooks[0].args;
+        assert_eq!(
+            args[args.len() - 2..],
+            ["--socket", "/var/lib/kubelet/plugins/example.com/hook.sock"]
         );
     }
 

@@ -102,7 +102,9 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
             inventory,
             claims: ClaimReader::new(client.clone(), &args.driver_name),
             status: StatusWriter::new(client, &args.driver_name),
-            cdi: CdiWriter::new(&args.cdi_dir, &args.driver_name, &args.hook_path),
+            // The hook's default socket only fits the default driver name and plugin directory.
+            cdi: CdiWriter::new(&args.cdi_dir, &args.driver_name, &args.hook_path)
+                .with_hook_socket(data_dir.join(HOOK_SOCKET_NAME)),
             checkpoint: CheckpointStore::new(data_dir.join("checkpoint.json")),
         })
         .context("starting the node driver")?,

@@ -134,8 +134,29 @@ pub(crate) fn workspace_root() -> Result<PathBuf> {
 }
 
 pub(crate) fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // `cargo run` gives xtask the variables of its own package. Build scripts that watch them (ring's does) would
+    // see them change between `cargo xtask ...` and plain cargo builds and rebuild every time.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if CARGO_RUN_VARIABLES
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
 }
+
+/// Variables `cargo run` sets for the binary it runs (by prefix), which a nested cargo must not inherit.
+const CARGO_RUN_VARIABLES: &[&str] = &[
+    "CARGO_PKG_",
+    "CARGO_MANIFEST_",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
 
 fn stage(
     name: &str,
@@ -168,11 +189,16 @@ fn not_run(name: &str, kernel: bool, why: &str) -> Stage {
 
 /// Checks the observer tools, decides the mode and, for the VM, fetches the kernel and builds the initramfs.
 pub(crate) fn prepare_kernel_tests() -> Result<(Mode, String)> {
+    prepare_kernel("kernel tests")
+}
+
+/// [`prepare_kernel_tests`] for anything else that needs the CAN kernel (`what` names it in the messages).
+pub(crate) fn prepare_kernel(what: &str) -> Result<(Mode, String)> {
     eprintln!("==> checking prerequisites");
     prerequisites::ensure(prerequisites::OBSERVERS)?;
     let (mode, why) = choose_mode()?;
     eprintln!(
-        "==> kernel tests will run {} ({why})",
+        "==> {what} will run {} ({why})",
         if mode == Mode::Native {
             "natively"
         } else {
