@@ -113,6 +113,7 @@ pub struct CdiWriter {
     directory: PathBuf,
     vendor: String,
     hook_path: PathBuf,
+    hook_socket: Option<PathBuf>,
 }
 
 impl CdiWriter {
@@ -127,7 +128,17 @@ impl CdiWriter {
             directory: directory.into(),
             vendor: format!("k8s.{driver_name}"),
             hook_path: hook_path.into(),
+            hook_socket: None,
         }
+    }
+
+    /// Makes the specs pass the daemon's hook socket to the hook (`--socket`). The hook's
+    /// built-in default only fits the default driver name and kubelet plugin directory, and
+    /// the runtime gives hooks no environment of the daemon's, so a daemon running with other
+    /// directories must say where it listens.
+    pub fn with_hook_socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.hook_socket = Some(socket.into());
+        self
     }
 
     /// `vendor/class`, e.g. `k8s.can.dra.dev/can`.
@@ -169,15 +180,7 @@ impl CdiWriter {
                         hooks: vec![Hook {
                             hook_name: "createRuntime".to_string(),
                             path: self.hook_path.display().to_string(),
-                            args: vec![
-                                "can-dra-cdi-hook".to_string(),
-                                "--claim".to_string(),
-                                claim_uid.to_string(),
-                                "--pool".to_string(),
-                                device.pool.clone(),
-                                "--device".to_string(),
-                                device.device.clone(),
-                            ],
+                            args: self.hook_args(claim_uid, device),
                             timeout: Some(HOOK_TIMEOUT_SECONDS),
                         }],
                     },
@@ -191,6 +194,23 @@ impl CdiWriter {
         };
         spec.cdi_version = minimum_version(&spec).to_string();
         Ok(spec)
+    }
+
+    fn hook_args(&self, claim_uid: &str, device: &ClaimDevice) -> Vec<String> {
+        let mut args = vec![
+            "can-dra-cdi-hook".to_string(),
+            "--claim".to_string(),
+            claim_uid.to_string(),
+            "--pool".to_string(),
+            device.pool.clone(),
+            "--device".to_string(),
+            device.device.clone(),
+        ];
+        if let Some(socket) = &self.hook_socket {
+            args.push("--socket".to_string());
+            args.push(socket.display().to_string());
+        }
+        args
     }
 
     /// Writes the claim's spec atomically and returns the fully qualified CDI device ids, in
@@ -341,6 +361,18 @@ mod tests {
                 "--device",
                 "can0-m0"
             ]
+        );
+    }
+
+    #[test]
+    fn a_daemon_with_its_own_directories_names_its_hook_socket() {
+        let writer = CdiWriter::new("/nonexistent", "can.dra.dev", "/hook")
+            .with_hook_socket("/srv/plugins/can.dra.dev/hook.sock");
+        let spec = writer.spec("uid-1", &[device("bus", "can0-m0")]).unwrap();
+        let args = &spec.devices[0].container_edits.hooks[0].args;
+        assert_eq!(
+            args[args.len() - 2..],
+            ["--socket", "/srv/plugins/can.dra.dev/hook.sock"]
         );
     }
 
