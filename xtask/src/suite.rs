@@ -166,10 +166,12 @@ fn not_run(name: &str, kernel: bool, why: &str) -> Stage {
     }
 }
 
-/// Checks the observer tools, decides the mode and, for the VM, fetches the kernel and builds the initramfs.
+/// Checks the observer tools and the container runtime, decides the mode and, for the VM, fetches the kernel and
+/// builds the initramfs.
 pub(crate) fn prepare_kernel_tests() -> Result<(Mode, String)> {
     eprintln!("==> checking prerequisites");
     prerequisites::ensure(prerequisites::OBSERVERS)?;
+    prerequisites::ensure(prerequisites::CONTAINER_RUNTIME)?;
     let (mode, why) = choose_mode()?;
     eprintln!(
         "==> kernel tests will run {} ({why})",
