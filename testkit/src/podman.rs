@@ -15,6 +15,9 @@
 //!   iproute2. It is a directory of its own rather than `/` because crun's `pivot_root` fails
 //!   on the root a chroot (the VM's `/init`) gave it.
 //!
+//! The OCI hooks' stderr of each container is kept ([`Podman::hook_log`]): podman reports only
+//! a failed hook's exit code.
+//!
 //! A [`Container`] is a [`Namespace`]: commands run in it with `podman exec`, so the
 //! [`Candump`](crate::Candump) and [`cansend`](crate::cansend) helpers work inside containers.
 
@@ -118,6 +121,12 @@ impl Podman {
         for device in cdi_devices {
             command.args(["--device", device]);
         }
+        // crun sends the hooks' stderr here; podman itself only reports a hook's exit code.
+        let hook_log = format!(
+            "run.oci.hooks.stderr={}",
+            self.hook_log_path(name).display()
+        );
+        command.args(["--annotation", &hook_log]);
         command
             .args([
                 "--volume",
@@ -135,6 +144,15 @@ impl Podman {
         })
     }
 
+    fn hook_log_path(&self, name: &str) -> PathBuf {
+        self.installation.state.join(format!("hooks-{name}.log"))
+    }
+
+    /// What the OCI hooks of container `name` wrote on stderr (empty when nothing was).
+    pub fn hook_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.hook_log_path(name)).unwrap_or_default()
+    }
+
     /// Like [`Podman::run_sleeper`], but a failure to start is an error.
     pub fn start(
         &self,
@@ -147,7 +165,11 @@ impl Podman {
             return Err(TestkitError::Failed {
                 command: format!("podman run --name {name} --network {network} {cdi_devices:?}"),
                 status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                stderr: format!(
+                    "{}; hooks said: {}",
+                    String::from_utf8_lossy(&output.stderr).trim(),
+                    self.hook_log(name).trim()
+                ),
             });
         }
         Ok(Container {
