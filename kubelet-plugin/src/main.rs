@@ -95,6 +95,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     let data_dir: PathBuf = args.kubelet_plugins_dir.join(&args.driver_name);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
+    let hook_socket = data_dir.join(HOOK_SOCKET_NAME);
     let driver = Arc::new(
         NodeDriver::new(NodeParts {
             driver: args.driver_name.clone(),
@@ -102,9 +103,8 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
             inventory,
             claims: ClaimReader::new(client.clone(), &args.driver_name),
             status: StatusWriter::new(client, &args.driver_name),
-            // The hook's default socket only fits the default driver name and plugin directory.
             cdi: CdiWriter::new(&args.cdi_dir, &args.driver_name, &args.hook_path)
-                .with_hook_socket(data_dir.join(HOOK_SOCKET_NAME)),
+                .with_hook_socket(&hook_socket),
             checkpoint: CheckpointStore::new(data_dir.join("checkpoint.json")),
         })
         .context("starting the node driver")?,
@@ -121,9 +121,8 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     }
 
     let shutdown = CancellationToken::new();
-    let hook_path = data_dir.join(HOOK_SOCKET_NAME);
-    let listener = hook::bind(&hook_path)
-        .with_context(|| format!("binding the hook socket {}", hook_path.display()))?;
+    let listener = hook::bind(&hook_socket)
+        .with_context(|| format!("binding the hook socket {}", hook_socket.display()))?;
     let hook_task = tokio::spawn(hook::serve(
         listener,
         driver.clone(),
@@ -140,7 +139,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     let server = PluginServer::start(plugin, driver, shutdown.clone())
         .await
         .context("starting the kubelet plugin servers")?;
-    tracing::info!(hook = %hook_path.display(), "serving");
+    tracing::info!(hook = %hook_socket.display(), "serving");
 
     tokio::spawn(watch_controllers(driver_for_health, shutdown.clone()));
     let signals = shutdown.clone();
@@ -156,7 +155,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     if let Err(error) = hook_task.await {
         tracing::warn!(%error, "the hook server task failed");
     }
-    if let Err(error) = std::fs::remove_file(&hook_path) {
+    if let Err(error) = std::fs::remove_file(&hook_socket) {
         tracing::debug!(%error, "hook socket already gone");
     }
     served.context("the kubelet plugin servers failed")

@@ -6,6 +6,8 @@
 //! - [`candump`]: capture frames with `candump -L` and parse them; send with `cansend`.
 //! - [`observe`]: what iproute2 and can-utils report (`ip -d -j link`, `cangw -L`, `tc -s -j`),
 //!   parsed into small structs.
+//! - [`podman`]: podman + crun with private storage and configuration, as a real CDI consumer,
+//!   and its containers as places to run the observers.
 //!
 //! Everything here shells out on purpose: the product speaks netlink itself, and its tests
 //! check the result with tools that share no code with it. This crate does not depend on the
@@ -17,8 +19,12 @@ pub mod candump;
 pub mod command;
 pub mod namespace;
 pub mod observe;
+pub mod podman;
 
 pub use candump::{Candump, CapturedFrame, cansend};
 pub use command::{TestkitError, run};
-pub use namespace::{Host, Namespace, TestNetns, exited_pid};
-pub use observe::{IpLink, add_vcan, cangw_rules, link_in, links_in, tc_qdiscs};
+pub use namespace::{Host, Namespace, Resident, TestNetns, exited_pid};
+pub use observe::{
+    IpLink, add_vcan, cangw_rules, cangw_rules_uncounted, link_in, links_in, tc_qdiscs,
+};
+pub use podman::{Container, Podman};

@@ -1,10 +1,14 @@
 //! Throw-away network namespaces, and running commands inside a namespace.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::command::{TestkitError, run};
+use nix::sched::{CloneFlags, setns};
+
+use crate::command::{TestkitError, describe, run};
 
 /// Somewhere commands can run: a [`TestNetns`] or the [`Host`] namespace.
 pub trait Namespace {
@@ -70,6 +74,68 @@ impl TestNetns {
     /// Runs `program args...` inside the namespace and returns its stdout.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, TestkitError> {
         run(&mut self.command_args(program, args))
+    }
+
+    /// Moves the calling thread into the namespace. Threads and processes it starts afterwards
+    /// (a tokio runtime built later, spawned daemons) live there too, so a whole test can use
+    /// the namespace as its node's host namespace, loopback included, and leave the machine's
+    /// own links alone. The namespace outlives [`Drop`] while such threads remain.
+    pub fn enter(&self) -> Result<(), TestkitError> {
+        let path = self.path();
+        let failed = |detail: String| TestkitError::Spawn {
+            command: format!("setns {}", path.display()),
+            source: std::io::Error::other(detail),
+        };
+        let file = std::fs::File::open(&path).map_err(|error| failed(error.to_string()))?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| failed(errno.to_string()))
+    }
+
+    /// Starts a process (`sleep`) inside the namespace and returns once it is there, for code
+    /// that finds a network namespace through a pid (`/proc/<pid>/ns/net`), as the CDI hook
+    /// path does. The process is killed when the [`Resident`] is dropped.
+    pub fn resident(&self) -> Result<Resident, TestkitError> {
+        let mut command = self.command_args("sleep", &["100000"]);
+        command.stdin(Stdio::null());
+        let line = describe(&command);
+        let child = command.spawn().map_err(|source| TestkitError::Spawn {
+            command: line.clone(),
+            source,
+        })?;
+        let resident = Resident { child };
+        let inode = |path: &str| std::fs::metadata(path).map(|m| m.ino()).ok();
+        let want = inode(&self.path().to_string_lossy());
+        // `ip netns exec` enters the namespace before it execs sleep in place: wait for that.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while inode(&format!("/proc/{}/ns/net", resident.pid())) != want || want.is_none() {
+            if Instant::now() >= deadline {
+                return Err(TestkitError::Timeout(format!(
+                    "`{line}` did not enter {}",
+                    self.label()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(resident)
+    }
+}
+
+/// A process living in a [`TestNetns`] (see [`TestNetns::resident`]), killed on drop.
+#[derive(Debug)]
+pub struct Resident {
+    child: Child,
+}
+
+impl Resident {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

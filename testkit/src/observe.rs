@@ -133,6 +133,15 @@ pub fn cangw_rules(ns: &dyn Namespace) -> Result<Vec<String>, TestkitError> {
         .collect())
 }
 
+/// The rules of `cangw -L` in `ns` without their frame counters (the `# ...` part), so that
+/// listings taken before and after traffic compare equal.
+pub fn cangw_rules_uncounted(ns: &dyn Namespace) -> Result<Vec<String>, TestkitError> {
+    Ok(cangw_rules(ns)?
+        .iter()
+        .map(|rule| rule.split('#').next().unwrap_or(rule).trim().to_string())
+        .collect())
+}
+
 /// The qdiscs of `interface` in `ns` with statistics, from `tc -s -j qdisc show dev IF`.
 pub fn tc_qdiscs(ns: &dyn Namespace, interface: &str) -> Result<Vec<Value>, TestkitError> {
     let mut command = ns.command("tc");

@@ -170,8 +170,12 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The `/init` script: loads `modules` (file names under `/modules`, in order), mounts the host root read-only
-/// over 9p with a tmpfs overlay, chroots into it and runs the run directory's script with stdout on ttyS1 and
-/// stderr on ttyS2, then records the exit status and powers off.
+/// over 9p with a tmpfs overlay, moves it onto `/` and chroots into it (as `switch_root` does) and runs the run
+/// directory's script with stdout on ttyS1 and stderr on ttyS2, then records the exit status and powers off.
+///
+/// The move matters to container runtimes: a process that joins a mount namespace (`setns`, as `crun exec`
+/// does) gets the namespace's root and the mounts stacked on it. With a plain chroot that root is the
+/// initramfs, and `podman exec` would run the initramfs's busybox instead of the container's programs.
 fn init_script(modules: &[String]) -> String {
     let module_list = modules.join(" ");
     format!(
@@ -214,12 +218,14 @@ ip link set lo up
 stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
 echo "{READY_MARKER}" >/dev/console
-chroot $R /bin/sh {GUEST_RUN_DIR}/{SCRIPT_FILE} </dev/null >/dev/ttyS1 2>/dev/ttyS2
+# From here on the new root is reached through the working directory: `/` is still the initramfs for us.
+cd $R && mount --move $R / || die "cannot move the root onto /"
+chroot . /bin/sh {GUEST_RUN_DIR}/{SCRIPT_FILE} </dev/null >/dev/ttyS1 2>/dev/ttyS2
 rc=$?
 # stty sets the line with TCSADRAIN: it returns once the command's output has left the UARTs.
 stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
-echo $rc >$R{GUEST_RUN_DIR}/{STATUS_FILE}
+echo $rc >.{GUEST_RUN_DIR}/{STATUS_FILE}
 sync
 poweroff -f
 sleep 60
@@ -278,7 +284,10 @@ mod tests {
             .unwrap();
         let root_mount = script.find(HOST_ROOT_TAG).unwrap();
         assert!(insmod_loop < root_mount);
-        assert!(script.contains(&format!("echo $rc >$R{GUEST_RUN_DIR}/{STATUS_FILE}")));
+        let moved = script.find("mount --move $R /").unwrap();
+        let command = script.find("chroot . /bin/sh").unwrap();
+        assert!(root_mount < moved && moved < command);
+        assert!(script.contains(&format!("echo $rc >.{GUEST_RUN_DIR}/{STATUS_FILE}")));
         assert!(script.trim_end().ends_with("sleep 60"));
     }
 

@@ -62,6 +62,15 @@ pub const OBSERVERS: &[Tool] = &[
     tool("tc", "iproute2"),
 ];
 
+/// The real CDI consumer of the kubelet plugin's kernel tests: podman with crun as the OCI runtime and
+/// conmon as its container monitor (Debian's podman only recommends crun). Running as root needs no
+/// `uidmap`, and `--network none` needs no network backend.
+pub const CONTAINER_RUNTIME: &[Tool] = &[
+    tool("podman", "podman"),
+    tool("crun", "crun"),
+    tool("conmon", "conmon"),
+];
+
 /// Decompressors for compressed kernel modules (only needed when the kernel package ships them).
 pub const XZ: Tool = tool("xz", "xz-utils");
 /// See [`XZ`].

@@ -187,7 +187,8 @@ fn not_run(name: &str, kernel: bool, why: &str) -> Stage {
     }
 }
 
-/// Checks the observer tools, decides the mode and, for the VM, fetches the kernel and builds the initramfs.
+/// Checks the observer tools and the container runtime, decides the mode and, for the VM, fetches the kernel and
+/// builds the initramfs.
 pub(crate) fn prepare_kernel_tests() -> Result<(Mode, String)> {
     prepare_kernel("kernel tests")
 }
@@ -196,6 +197,7 @@ pub(crate) fn prepare_kernel_tests() -> Result<(Mode, String)> {
 pub(crate) fn prepare_kernel(what: &str) -> Result<(Mode, String)> {
     eprintln!("==> checking prerequisites");
     prerequisites::ensure(prerequisites::OBSERVERS)?;
+    prerequisites::ensure(prerequisites::CONTAINER_RUNTIME)?;
     let (mode, why) = choose_mode()?;
     eprintln!(
         "==> {what} will run {} ({why})",
