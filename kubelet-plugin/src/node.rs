@@ -330,7 +330,7 @@ pub struct NodeParts {
     pub driver: String,
     /// The node name (the pool of node-local devices).
     pub node: String,
-    /// What the node publishes.
+    /// What the node publishes at start; [`NodeDriver::apply_inventory`] replaces it later.
     pub inventory: Inventory,
     /// Reads claims.
     pub claims: ClaimReader,
@@ -501,6 +501,36 @@ impl NodeDriver {
         kept.sort();
         kept.dedup();
         Ok(kept)
+    }
+
+    /// Drops the slots kept for a vanished controller once no prepared claim holds them, so
+    /// that they leave the health feed too.
+    fn forget_unused_slots(&self, state: &NodeState) {
+        let physical = {
+            let mut topology = self
+                .topology
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Topology {
+                inventory,
+                known,
+                slots,
+            } = &mut *topology;
+            let before = slots.len();
+            slots.retain(|device, _| {
+                known.contains(&self.parts.node, device)
+                    || state
+                        .claims
+                        .values()
+                        .flat_map(|c| &c.devices)
+                        .any(|d| d.pool == self.parts.node && &d.device == device)
+            });
+            if slots.len() == before {
+                return;
+            }
+            inventory.physical.clone()
+        };
+        self.update_controllers(&physical);
     }
 
     /// Recomputes the health feed from the controllers found now: slots of a controller that is
@@ -710,6 +740,7 @@ impl NodeDriver {
                 .checkpoint
                 .save(state)
                 .map_err(|e| format!("claim {claim}: {e}"))?;
+            self.forget_unused_slots(state);
         }
         tracing::info!(claim = %claim, "claim unprepared");
         Ok(())

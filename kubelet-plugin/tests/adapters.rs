@@ -258,8 +258,13 @@ async fn a_vanished_controller_keeps_prepared_slots_unhealthy_until_unprepare() 
     let mut answers = rig.driver.unprepare(vec![claim_ref("held")]).await.unwrap();
     answers.remove("uid-held").unwrap().unwrap();
     assert!(rig.driver.state().await.claims.is_empty());
+    let health = health_of(&rig.driver);
+    assert!(
+        health.iter().all(|h| !h.0.starts_with("can1")),
+        "{health:?}"
+    );
 
-    // The next pass forgets the kept slot without touching the slices.
+    // The next pass finds nothing to change.
     rig.api.clear_requests();
     let (changes, report) = rig.watch.apply(vec![active("can0")]).await.unwrap();
     assert!(changes.is_empty() && report.is_none());

@@ -91,18 +91,23 @@ async fn settled(
     pool
 }
 
-/// Reads the health stream until `device` reports `status`; returns its message.
-async fn health_turns(watch: &mut HealthWatch, device: &str, status: HealthStatus) -> String {
+/// Reads the health stream until `device` reports `status` (`None`: is no longer reported);
+/// returns its message.
+async fn health_turns(
+    watch: &mut HealthWatch,
+    device: &str,
+    status: Option<HealthStatus>,
+) -> String {
     let wait = async {
         loop {
             let report = watch.next().await.unwrap().unwrap();
             let found = report
                 .into_iter()
                 .find(|h| h.device.as_ref().is_some_and(|d| d.device_name == device));
-            if let Some(h) = found
-                && h.health == status as i32
-            {
-                return h.message;
+            match (found, status) {
+                (Some(h), Some(status)) if h.health == status as i32 => return h.message,
+                (None, None) => return String::new(),
+                _ => {}
             }
         }
     };
@@ -172,7 +177,7 @@ async fn slices_and_health_follow_an_adapter_that_appears_goes_down_and_goes_awa
     let (_, generation) =
         settled(&api, "up", |d| state_of(d, "cdtvc0-m0") == Some("unknown")).await;
     assert_eq!(generation, start + 2);
-    health_turns(&mut health, "cdtvc0-m0", HealthStatus::Healthy).await;
+    health_turns(&mut health, "cdtvc0-m0", Some(HealthStatus::Healthy)).await;
     let wire = vec![Claim {
         namespace: "ns".into(),
         uid: "uid-held".into(),
@@ -199,7 +204,7 @@ async fn slices_and_health_follow_an_adapter_that_appears_goes_down_and_goes_awa
     })
     .await;
     assert_eq!(generation, start + 3);
-    let message = health_turns(&mut health, "cdtvc0-m0", HealthStatus::Unhealthy).await;
+    let message = health_turns(&mut health, "cdtvc0-m0", Some(HealthStatus::Unhealthy)).await;
     assert!(message.contains("down"), "{message}");
 
     // Gone: its slots leave the pool; the prepared one stays reported Unhealthy.
@@ -208,11 +213,13 @@ async fn slices_and_health_follow_an_adapter_that_appears_goes_down_and_goes_awa
         settled(&api, "deleted", |d| slots_of(d, "cdtvc0").is_empty()).await;
     assert_eq!(generation, start + 4);
     assert_eq!(devices.keys().collect::<Vec<_>>(), ["body-m0"]);
-    let message = health_turns(&mut health, "cdtvc0-m0", HealthStatus::Unhealthy).await;
+    let message = health_turns(&mut health, "cdtvc0-m0", Some(HealthStatus::Unhealthy)).await;
     assert!(message.contains("gone"), "{message}");
 
     let gone = daemon.plugin.unprepare(wire).await.unwrap();
     assert_eq!(gone.claims["uid-held"].error, "", "{gone:?}");
+    // Unprepared, the slot of the vanished adapter is no longer reported at all.
+    health_turns(&mut health, "cdtvc0-m0", None).await;
     let log = daemon.log_text();
     assert!(log.contains("cdtvc0 appeared"), "{log}");
     assert!(log.contains("cdtvc0 is gone"), "{log}");
