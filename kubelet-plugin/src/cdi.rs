@@ -254,6 +254,16 @@ impl CdiWriter {
         Ok(claims)
     }
 
+    /// Removes the temporary files of spec writes that a killed daemon left behind (see
+    /// [`files::remove_stale_temporaries`]); returns them.
+    pub fn remove_stale_temporaries(&self) -> Result<Vec<PathBuf>, CdiError> {
+        files::remove_stale_temporaries(&self.directory, &format!("{}-{CDI_CLASS}_", self.vendor))
+            .map_err(|source| CdiError::Io {
+                path: self.directory.clone(),
+                source,
+            })
+    }
+
     /// The directory specs are written to.
     pub fn directory(&self) -> &Path {
         &self.directory

@@ -108,6 +108,22 @@ impl CheckpointStore {
         Ok(envelope.state)
     }
 
+    /// Removes the temporary files of checkpoint writes that a killed daemon left behind (see
+    /// [`files::remove_stale_temporaries`]); returns them.
+    pub fn remove_stale_temporaries(&self) -> Result<Vec<PathBuf>, CheckpointError> {
+        let io = |source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let directory = self.path.parent().unwrap_or(Path::new("."));
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        files::remove_stale_temporaries(directory, &name).map_err(io)
+    }
+
     /// Writes the state atomically (temporary file, fsync, rename, directory fsync).
     pub fn save<T: Serialize>(&self, state: &T) -> Result<(), CheckpointError> {
         let envelope = Envelope {

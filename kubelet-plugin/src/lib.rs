@@ -1,6 +1,7 @@
 //! The can-dra node daemon: the kubelet DRA plugin and its CDI hook.
 //!
 //! Responsibilities (growing with the project):
+//! - [`adapters`]: following the node's CAN adapters into the served slots and the slices.
 //! - [`cli`]: the daemon's flags, each with an environment variable.
 //! - [`logging`]: `tracing` set-up shared by the binaries (text or JSON).
 //! - [`cdi`]: per-claim CDI specs (environment plus the `createRuntime` hook).
@@ -14,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adapters;
 pub mod cdi;
 pub mod checkpoint;
 pub mod claims;

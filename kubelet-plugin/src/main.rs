@@ -16,13 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use can_dra_api::NodeConfig;
-use can_dra_dataplane::link::Links;
+use can_dra_kubelet_plugin::adapters::{self, AdapterWatch};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::hook::{self, HOOK_SOCKET_NAME};
-use can_dra_kubelet_plugin::inventory::Inventory;
-use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, physical_controller};
+use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
 use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
 use can_dra_kubelet_plugin::slices::SlicePublisher;
 use can_dra_kubelet_plugin::sockets::SocketLayout;
@@ -76,17 +75,11 @@ fn node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
 async fn run(args: PluginArgs) -> anyhow::Result<()> {
     let client = kube_client(&args).await?;
     let config = node_config(args.config.as_deref())?;
-    let found = tokio::task::spawn_blocking(|| -> anyhow::Result<_> {
-        let mut links = Links::open().context("opening netlink")?;
-        links
-            .can_controllers()
-            .context("listing the node's CAN controllers")
-    })
-    .await
-    .context("controller listing task")??;
-    let inventory =
-        Inventory::from_config(found.iter().map(physical_controller).collect(), &config);
-    let report = SlicePublisher::new(client.clone(), &args.driver_name, &args.node_name)
+    let inventory = adapters::list_inventory_async(&config)
+        .await
+        .context("listing the node's CAN controllers")?;
+    let publisher = SlicePublisher::new(client.clone(), &args.driver_name, &args.node_name);
+    let report = publisher
         .publish(&inventory)
         .await
         .context("publishing the node's ResourceSlices")?;
@@ -135,13 +128,13 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
         &args.kubelet_registrar_dir,
     );
     plugin.pod_uid = args.pod_uid.clone();
-    let driver_for_health = driver.clone();
+    let adapter_watch = AdapterWatch::new(driver.clone(), publisher, config);
     let server = PluginServer::start(plugin, driver, shutdown.clone())
         .await
         .context("starting the kubelet plugin servers")?;
     tracing::info!(hook = %hook_socket.display(), "serving");
 
-    tokio::spawn(watch_controllers(driver_for_health, shutdown.clone()));
+    tokio::spawn(adapter_watch.run(adapters::RELIST_INTERVAL, shutdown.clone()));
     let signals = shutdown.clone();
     tokio::spawn(async move {
         match wait_for_signal().await {
@@ -159,32 +152,6 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
         tracing::debug!(%error, "hook socket already gone");
     }
     served.context("the kubelet plugin servers failed")
-}
-
-/// How often the controllers are listed again for the health feed.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Lists the node's controllers periodically so bus-off or unplugged controllers turn their
-/// slots Unhealthy (and healthy again when they recover).
-async fn watch_controllers(driver: Arc<NodeDriver>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
-        }
-        let listed = tokio::task::spawn_blocking(|| {
-            Links::open().and_then(|mut links| links.can_controllers())
-        })
-        .await;
-        match listed {
-            Ok(Ok(found)) => {
-                let found: Vec<_> = found.iter().map(physical_controller).collect();
-                driver.update_controllers(&found);
-            }
-            Ok(Err(error)) => tracing::warn!(%error, "listing CAN controllers failed"),
-            Err(error) => tracing::warn!(%error, "the controller listing task failed"),
-        }
-    }
 }
 
 async fn wait_for_signal() -> std::io::Result<&'static str> {

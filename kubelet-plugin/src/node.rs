@@ -52,6 +52,13 @@ pub struct PreparedClaim {
     pub name: String,
     /// Its devices, in allocation order.
     pub devices: Vec<PreparedMember>,
+    /// The claim's status is not written yet: the write failed, or the daemon stopped between
+    /// the checkpoint and the write. A repeated prepare writes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub status_pending: bool,
+    /// The status was written since the last checkpoint write (in memory only).
+    #[serde(skip)]
+    pub status_written_unsaved: bool,
 }
 
 /// One device of a prepared claim: where it sits, which bus it joins, and how.
@@ -185,7 +192,8 @@ pub fn member_id(claim_uid: &str, request: &str) -> String {
     format!("{claim_uid}/{request}")
 }
 
-/// A physical controller as the inventory publishes it, from what netlink reports.
+/// A physical controller as the inventory publishes it, from what netlink reports (a link
+/// that is down is `stopped`).
 pub fn physical_controller(found: &CanController) -> PhysicalController {
     let rate = |bps: Option<u32>| bps.and_then(can_dra_api::Bitrate::from_bits_per_second);
     PhysicalController {
@@ -194,7 +202,10 @@ pub fn physical_controller(found: &CanController) -> PhysicalController {
         bitrate: rate(found.bitrate),
         data_bitrate: rate(found.data_bitrate),
         fd: found.fd,
+        // A link that is administratively down carries no frames whatever its kind; vcan
+        // stand-ins report no CAN state at all, so this is their only state.
         state: match found.state {
+            _ if !found.up => ControllerState::Stopped,
             Some(CanState::ErrorActive) => ControllerState::ErrorActive,
             Some(CanState::ErrorWarning) => ControllerState::ErrorWarning,
             Some(CanState::ErrorPassive) => ControllerState::ErrorPassive,
@@ -319,7 +330,7 @@ pub struct NodeParts {
     pub driver: String,
     /// The node name (the pool of node-local devices).
     pub node: String,
-    /// What the node publishes.
+    /// What the node publishes at start; [`NodeDriver::apply_inventory`] replaces it later.
     pub inventory: Inventory,
     /// Reads claims.
     pub claims: ClaimReader,
@@ -338,11 +349,57 @@ struct SlotInfo {
     spec: BusSpec,
 }
 
+/// The slots the driver serves, rebuilt by [`NodeDriver::apply_inventory`] when the node's
+/// adapters change.
+#[derive(Debug, Clone, Default)]
+struct Topology {
+    inventory: Inventory,
+    /// Devices a new claim may be prepared on: exactly the published ones.
+    known: KnownDevices,
+    /// Published slots, plus the slots of prepared claims whose controller went away (kept so
+    /// that their health stays reported and their members can still be unprepared).
+    slots: BTreeMap<String, SlotInfo>,
+}
+
+/// The slot table of an inventory: every slot's bus and how the data plane should build it.
+fn slot_table(
+    node: &str,
+    inventory: &Inventory,
+) -> Result<(KnownDevices, BTreeMap<String, SlotInfo>), NodeError> {
+    let mut known = KnownDevices::default();
+    let mut slots = BTreeMap::new();
+    for slot in inventory.slots()? {
+        known.insert(node, slot.device.clone());
+        let (bus, spec) = match &slot.bus {
+            SlotBus::Physical { interface } => {
+                let fd = inventory
+                    .physical
+                    .iter()
+                    .any(|c| &c.interface == interface && c.fd);
+                let mut spec = BusSpec::new(interface.clone());
+                spec.physical = Some(interface.clone());
+                spec.fd = fd;
+                (interface.clone(), spec)
+            }
+            SlotBus::Virtual { name } => {
+                let fd = inventory
+                    .virtual_buses
+                    .iter()
+                    .any(|b| &b.name == name && b.fd);
+                let mut spec = BusSpec::new(name.clone());
+                spec.fd = fd;
+                (name.clone(), spec)
+            }
+        };
+        slots.insert(slot.device, SlotInfo { bus, spec });
+    }
+    Ok((known, slots))
+}
+
 /// The CAN driver of one node.
 pub struct NodeDriver {
     parts: NodeParts,
-    known: KnownDevices,
-    slots: BTreeMap<String, SlotInfo>,
+    topology: std::sync::RwLock<Topology>,
     state: Mutex<NodeState>,
     // Opened by recovery or on first attach: prepare and unprepare of unattached claims need no
     // kernel.
@@ -360,81 +417,151 @@ impl std::fmt::Debug for NodeDriver {
 }
 
 impl NodeDriver {
-    /// Builds the driver and loads the checkpoint.
+    /// Builds the driver from the inventory of [`NodeParts`] and loads the checkpoint.
     pub fn new(parts: NodeParts) -> Result<Self, NodeError> {
         let state: NodeState = parts.checkpoint.load()?;
-        let mut known = KnownDevices::default();
-        let mut slots = BTreeMap::new();
-        for slot in parts.inventory.slots()? {
-            known.insert(&parts.node, slot.device.clone());
-            let (bus, spec) = match &slot.bus {
-                SlotBus::Physical { interface } => {
-                    let fd = parts
-                        .inventory
-                        .physical
-                        .iter()
-                        .any(|c| &c.interface == interface && c.fd);
-                    let mut spec = BusSpec::new(interface.clone());
-                    spec.physical = Some(interface.clone());
-                    spec.fd = fd;
-                    (interface.clone(), spec)
-                }
-                SlotBus::Virtual { name } => {
-                    let fd = parts
-                        .inventory
-                        .virtual_buses
-                        .iter()
-                        .any(|b| &b.name == name && b.fd);
-                    let mut spec = BusSpec::new(name.clone());
-                    spec.fd = fd;
-                    (name.clone(), spec)
-                }
-            };
-            slots.insert(slot.device, SlotInfo { bus, spec });
-        }
+        let (known, slots) = slot_table(&parts.node, &parts.inventory)?;
         let (health, _) = watch::channel(Vec::new());
-        let driver = Self {
-            parts,
+        let topology = Topology {
+            inventory: parts.inventory.clone(),
             known,
             slots,
+        };
+        let driver = Self {
+            parts,
+            topology: std::sync::RwLock::new(topology),
             state: Mutex::new(state),
             buses: Arc::new(std::sync::Mutex::new(None)),
             health,
         };
-        let physical = driver.parts.inventory.physical.clone();
+        let physical = driver.inventory().physical;
         driver.update_controllers(&physical);
         Ok(driver)
     }
 
+    fn topology(&self) -> std::sync::RwLockReadGuard<'_, Topology> {
+        // The lock is never held across a panic-prone section; a poisoned one is still sound.
+        self.topology
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn slot(&self, device: &str) -> Option<SlotInfo> {
+        self.topology().slots.get(device).cloned()
+    }
+
+    /// The inventory the driver serves now.
+    pub fn inventory(&self) -> Inventory {
+        self.topology().inventory.clone()
+    }
+
+    /// The devices the driver serves now: the published slots plus those kept for prepared
+    /// claims whose controller went away.
+    pub fn served_devices(&self) -> Vec<String> {
+        self.topology().slots.keys().cloned().collect()
+    }
+
+    /// Serves `inventory` from now on (after an adapter appeared, went away or changed): new
+    /// slots can be prepared at once, and the health feed follows. Slots of a vanished controller
+    /// that hold prepared claims are kept (Unhealthy) until those claims are unprepared; returns
+    /// their device names.
+    pub async fn apply_inventory(&self, inventory: Inventory) -> Result<Vec<String>, NodeError> {
+        // The state lock orders this against prepare and unprepare.
+        let state = self.state.lock().await;
+        let (known, mut slots) = slot_table(&self.parts.node, &inventory)?;
+        let mut kept = Vec::new();
+        {
+            let old = self.topology();
+            let prepared = state
+                .claims
+                .values()
+                .flat_map(|c| &c.devices)
+                .filter(|d| d.pool == self.parts.node);
+            for device in prepared {
+                if slots.contains_key(&device.device) {
+                    continue;
+                }
+                if let Some(info) = old.slots.get(&device.device) {
+                    slots.insert(device.device.clone(), info.clone());
+                    kept.push(device.device.clone());
+                }
+            }
+        }
+        let physical = inventory.physical.clone();
+        *self
+            .topology
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Topology {
+            inventory,
+            known,
+            slots,
+        };
+        drop(state);
+        self.update_controllers(&physical);
+        kept.sort();
+        kept.dedup();
+        Ok(kept)
+    }
+
+    /// Drops the slots kept for a vanished controller once no prepared claim holds them, so
+    /// that they leave the health feed too.
+    fn forget_unused_slots(&self, state: &NodeState) {
+        let physical = {
+            let mut topology = self
+                .topology
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Topology {
+                inventory,
+                known,
+                slots,
+            } = &mut *topology;
+            let before = slots.len();
+            slots.retain(|device, _| {
+                known.contains(&self.parts.node, device)
+                    || state
+                        .claims
+                        .values()
+                        .flat_map(|c| &c.devices)
+                        .any(|d| d.pool == self.parts.node && &d.device == device)
+            });
+            if slots.len() == before {
+                return;
+            }
+            inventory.physical.clone()
+        };
+        self.update_controllers(&physical);
+    }
+
     /// Recomputes the health feed from the controllers found now: slots of a controller that is
-    /// bus-off or gone are Unhealthy; virtual bus slots are Healthy.
+    /// bus-off, down or gone are Unhealthy; virtual bus slots are Healthy.
     pub fn update_controllers(&self, found: &[PhysicalController]) {
         let report: Vec<DeviceHealth> = self
-            .parts
-            .inventory
-            .slots()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|slot| {
-                let (status, message) = match &slot.bus {
-                    SlotBus::Virtual { .. } => (HealthStatus::Healthy, String::new()),
-                    SlotBus::Physical { interface } => {
-                        match found.iter().find(|c| &c.interface == interface) {
-                            None => (
-                                HealthStatus::Unhealthy,
-                                format!("controller {interface} is gone"),
-                            ),
-                            Some(c) if c.state == ControllerState::BusOff => (
-                                HealthStatus::Unhealthy,
-                                format!("controller {interface} is bus-off"),
-                            ),
-                            Some(_) => (HealthStatus::Healthy, String::new()),
-                        }
-                    }
+            .topology()
+            .slots
+            .iter()
+            .map(|(device, slot)| {
+                let (status, message) = match &slot.spec.physical {
+                    None => (HealthStatus::Healthy, String::new()),
+                    Some(interface) => match found.iter().find(|c| &c.interface == interface) {
+                        None => (
+                            HealthStatus::Unhealthy,
+                            format!("controller {interface} is gone"),
+                        ),
+                        Some(c) if c.state == ControllerState::BusOff => (
+                            HealthStatus::Unhealthy,
+                            format!("controller {interface} is bus-off"),
+                        ),
+                        Some(c) if c.state == ControllerState::Stopped => (
+                            HealthStatus::Unhealthy,
+                            format!("controller {interface} is down"),
+                        ),
+                        Some(_) => (HealthStatus::Healthy, String::new()),
+                    },
                 };
                 DeviceHealth {
                     pool: self.parts.node.clone(),
-                    device: slot.device,
+                    device: device.clone(),
                     status,
                     message,
                 }
@@ -474,22 +601,26 @@ impl NodeDriver {
         state: &mut NodeState,
         claim: &ClaimRef,
     ) -> Result<Vec<PreparedDevice>, String> {
-        if let Some(prepared) = state.claims.get(&claim.uid) {
+        if let Some(prepared) = state.claims.get_mut(&claim.uid) {
             tracing::debug!(claim = %claim, "already prepared");
+            if prepared.status_pending && self.write_status(claim, prepared, None).await {
+                prepared.status_pending = false;
+                prepared.status_written_unsaved = true;
+            }
             return Ok(Self::answer(prepared));
         }
+        let known = self.topology().known.clone();
         let allocated = self
             .parts
             .claims
-            .allocated(claim, &self.known)
+            .allocated(claim, &known)
             .await
             .map_err(|e| e.to_string())?;
         let mut devices = Vec::new();
         let mut cdi_devices = Vec::new();
         for member in &allocated.members {
             let slot = self
-                .slots
-                .get(&member.device)
+                .slot(&member.device)
                 .filter(|_| member.pool == self.parts.node)
                 .ok_or_else(|| {
                     format!(
@@ -527,6 +658,8 @@ impl NodeDriver {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
             devices,
+            status_pending: true,
+            status_written_unsaved: false,
         };
         state.claims.insert(claim.uid.clone(), prepared.clone());
         if let Err(error) = self.parts.checkpoint.save(state) {
@@ -537,6 +670,27 @@ impl NodeDriver {
             }
             return Err(format!("claim {claim}: {error}"));
         }
+        if self
+            .write_status(claim, &prepared, Some(&allocated.claim))
+            .await
+            && let Some(entry) = state.claims.get_mut(&claim.uid)
+        {
+            // Saved with the next checkpoint write (at the latest at the end of the request).
+            entry.status_pending = false;
+            entry.status_written_unsaved = true;
+        }
+        tracing::info!(claim = %claim, devices = prepared.devices.len(), "claim prepared");
+        Ok(Self::answer(&prepared))
+    }
+
+    /// Writes the claim's status (Ready, with each member's interface name); a failure is
+    /// logged and the claim stays usable. Whether it was written.
+    async fn write_status(
+        &self,
+        claim: &ClaimRef,
+        prepared: &PreparedClaim,
+        previous: Option<&k8s_openapi::api::resource::v1::ResourceClaim>,
+    ) -> bool {
         let ready: Vec<DeviceReady> = prepared
             .devices
             .iter()
@@ -545,16 +699,13 @@ impl NodeDriver {
                 ..DeviceReady::new(&d.pool, &d.device, &d.member.interface)
             })
             .collect();
-        if let Err(error) = self
-            .parts
-            .status
-            .mark_ready(claim, &ready, Some(&allocated.claim))
-            .await
-        {
-            tracing::warn!(claim = %claim, %error, "writing the claim status failed");
+        match self.parts.status.mark_ready(claim, &ready, previous).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(claim = %claim, %error, "writing the claim status failed");
+                false
+            }
         }
-        tracing::info!(claim = %claim, devices = prepared.devices.len(), "claim prepared");
-        Ok(Self::answer(&prepared))
     }
 
     async fn unprepare_one(&self, state: &mut NodeState, claim: &ClaimRef) -> Result<(), String> {
@@ -589,6 +740,7 @@ impl NodeDriver {
                 .checkpoint
                 .save(state)
                 .map_err(|e| format!("claim {claim}: {e}"))?;
+            self.forget_unused_slots(state);
         }
         tracing::info!(claim = %claim, "claim unprepared");
         Ok(())
@@ -602,7 +754,7 @@ impl NodeDriver {
     /// Start-up reconcile, before serving: see [`recover_on`](Self::recover_on), with the
     /// host probed by [`HostCan::probe`].
     pub async fn recover(&self) -> Result<RecoveryReport, NodeError> {
-        self.recover_on(HostCan::probe(&self.parts.inventory)).await
+        self.recover_on(HostCan::probe(&self.inventory())).await
     }
 
     /// Drops checkpointed attachments whose namespace is gone, then reconciles the kernel
@@ -612,6 +764,7 @@ impl NodeDriver {
     /// either way.
     pub async fn recover_on(&self, host: HostCan) -> Result<RecoveryReport, NodeError> {
         let mut state = self.state.lock().await;
+        self.remove_stale_temporaries();
         let mut report = RecoveryReport {
             dropped: state.drop_stale_attachments(),
             reconciled: None,
@@ -688,9 +841,35 @@ impl NodeDriver {
         Ok(report)
     }
 
+    /// Removes what writes interrupted by a crash left in the CDI and data directories; a
+    /// failure is only logged, as the files are harmless to the daemon.
+    fn remove_stale_temporaries(&self) {
+        let found = [
+            self.parts
+                .cdi
+                .remove_stale_temporaries()
+                .map_err(|e| e.to_string()),
+            self.parts
+                .checkpoint
+                .remove_stale_temporaries()
+                .map_err(|e| e.to_string()),
+        ];
+        for outcome in found {
+            match outcome {
+                Ok(removed) => {
+                    for file in removed {
+                        tracing::info!(file = %file.display(), "removed a temporary file of an interrupted write");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cleaning up interrupted writes failed"),
+            }
+        }
+    }
+
     /// The node-local buses with the members still attached, as the data plane should hold them.
     fn desired_state(&self, state: &NodeState) -> DesiredState {
         let mut buses: BTreeMap<String, BusSpec> = self
+            .topology()
             .slots
             .values()
             .map(|slot| (slot.bus.clone(), slot.spec.clone()))
@@ -797,6 +976,16 @@ impl Driver for NodeDriver {
             }
             answers.insert(claim.uid, answer);
         }
+        // Statuses written since the last checkpoint write: record them once for the request.
+        if state.claims.values().any(|c| c.status_written_unsaved)
+            && let Err(error) = self.parts.checkpoint.save(&*state)
+        {
+            tracing::warn!(%error, "saving the checkpoint after the status writes failed");
+        } else {
+            for claim in state.claims.values_mut() {
+                claim.status_written_unsaved = false;
+            }
+        }
         Ok(answers)
     }
 
@@ -840,7 +1029,7 @@ impl Attacher for NodeDriver {
                 request.claim_uid, request.pool, request.device
             ));
         };
-        let Some(slot) = self.slots.get(&member.device).cloned() else {
+        let Some(slot) = self.slot(&member.device) else {
             return Err(format!(
                 "device {}/{} is no longer published by this node",
                 member.pool, member.device
@@ -941,6 +1130,8 @@ mod tests {
                     attachment: Some(*attachment),
                 })
                 .collect(),
+            status_pending: false,
+            status_written_unsaved: false,
         }
     }
 

@@ -205,6 +205,8 @@ async fn a_bad_claim_fails_alone_with_the_reason() {
     rig.api
         .insert_claim(good_claim("swapped", "uid-new", "body-m2"));
     rig.api.insert_claim(claim("pending", "uid-pending", None));
+    rig.api
+        .insert_claim(good_claim("elsewhere", "uid-elsewhere", "body-m9"));
 
     let answer = rig
         .plugin
@@ -213,6 +215,7 @@ async fn a_bad_claim_fails_alone_with_the_reason() {
             wire("bad", "uid-bad"),
             wire("swapped", "uid-old"),
             wire("pending", "uid-pending"),
+            wire("elsewhere", "uid-elsewhere"),
         ])
         .await
         .unwrap();
@@ -228,8 +231,13 @@ async fn a_bad_claim_fails_alone_with_the_reason() {
     );
     let pending = &answer.claims["uid-pending"].error;
     assert!(pending.contains("not allocated"), "{pending}");
+    let elsewhere = &answer.claims["uid-elsewhere"].error;
+    assert!(elsewhere.contains("body-m9"), "{elsewhere}");
 
-    // Only the good claim left a trace.
+    // Only the good claim left a trace: no status written for the others either.
+    for name in ["bad", "swapped", "pending", "elsewhere"] {
+        assert!(status_writes(&rig.api, name).is_empty(), "{name}");
+    }
     let state: NodeState = rig.checkpoint.load().unwrap();
     assert_eq!(state.claims.keys().collect::<Vec<_>>(), vec!["uid-good"]);
     assert_eq!(
@@ -487,6 +495,8 @@ async fn restarted_driver(
                 cdi_device_id: "k8s.can.dra.dev/can=uid-r-a".into(),
                 attachment,
             }],
+            status_pending: false,
+            status_written_unsaved: false,
         },
     );
     let checkpoint = CheckpointStore::new(root.join("checkpoint.json"));

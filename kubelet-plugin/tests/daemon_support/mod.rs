@@ -1,0 +1,170 @@
+//! Runs the real `can-dra-kubelet-plugin` binary against the API server double, in a directory
+//! of its own, and registers it with the kubelet double: for tests that kill and restart it.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use can_dra_doubles::apiserver::ApiServer;
+use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The directories of one node: kept across daemon restarts.
+#[derive(Debug)]
+pub struct NodeDirs {
+    /// Holds everything below.
+    pub root: PathBuf,
+    /// `--kubelet-plugins-dir`.
+    pub plugins: PathBuf,
+    /// `--kubelet-registrar-dir`.
+    pub registry: PathBuf,
+    /// `--cdi-dir`.
+    pub cdi: PathBuf,
+    /// The node configuration file.
+    pub config: PathBuf,
+    /// The kubeconfig pointing at the double.
+    pub kubeconfig: PathBuf,
+}
+
+impl NodeDirs {
+    /// The directories below `root`, with `node_config` as the node configuration and a
+    /// kubeconfig for `api`.
+    pub fn new(root: &Path, api: &ApiServer, node_config: &str) -> Self {
+        let dirs = Self {
+            root: root.to_path_buf(),
+            plugins: root.join("plugins"),
+            registry: root.join("registry"),
+            cdi: root.join("cdi"),
+            config: root.join("node.yaml"),
+            kubeconfig: root.join("kubeconfig"),
+        };
+        // The kubelet owns these directories; it creates them before any plugin starts.
+        std::fs::create_dir_all(&dirs.plugins).unwrap();
+        std::fs::create_dir_all(&dirs.registry).unwrap();
+        std::fs::write(&dirs.config, node_config).unwrap();
+        api.write_kubeconfig(&dirs.kubeconfig).unwrap();
+        dirs
+    }
+
+    /// The daemon's data directory (checkpoint, hook socket).
+    pub fn data(&self, driver: &str) -> PathBuf {
+        self.plugins.join(driver)
+    }
+}
+
+/// A running daemon, killed (SIGKILL) on drop if still running.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    /// Its registration, as the kubelet double made it.
+    pub plugin: RegisteredPlugin,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon for `node` over `dirs` (its log goes to `<root>/daemon-<n>.log`) and
+    /// waits until the kubelet double has registered it.
+    pub async fn start(dirs: &NodeDirs, node: &str, driver: &str, hook: &Path) -> Self {
+        let log = (0..)
+            .map(|n| dirs.root.join(format!("daemon-{n}.log")))
+            .find(|p| !p.exists())
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_can-dra-kubelet-plugin"))
+            .args(["--node-name", node, "--driver-name", driver])
+            .arg("--kubeconfig")
+            .arg(&dirs.kubeconfig)
+            .arg("--config")
+            .arg(&dirs.config)
+            .arg("--kubelet-plugins-dir")
+            .arg(&dirs.plugins)
+            .arg("--kubelet-registrar-dir")
+            .arg(&dirs.registry)
+            .arg("--cdi-dir")
+            .arg(&dirs.cdi)
+            .arg("--hook-path")
+            .arg(hook)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the daemon exited with {status} before registering: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            // A fresh kubelet each time: a restarted daemon registers anew.
+            if let Ok(plugin) = KubeletDouble::new(&dirs.registry)
+                .register_driver(driver)
+                .await
+            {
+                return Self { child, plugin, log };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never registered: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, then reaps it.
+    pub fn kill9(mut self) {
+        self.signal_and_wait(Signal::SIGKILL);
+    }
+
+    /// SIGTERM, then waits for it; whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        self.signal_and_wait(Signal::SIGTERM).success()
+    }
+
+    fn signal_and_wait(&mut self, signal: Signal) -> std::process::ExitStatus {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        kill(pid, signal).unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The files below `dir` (recursively) whose names mark an interrupted atomic write.
+pub fn temporary_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(temporary_files(&path));
+        } else if entry.file_name().to_string_lossy().contains(".tmp-") {
+            found.push(path);
+        }
+    }
+    found
+}
