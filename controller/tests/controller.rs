@@ -3,7 +3,7 @@
 //! of two replicas only the Lease holder writes until it dies and the other takes over.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -72,6 +72,68 @@ impl Drop for Replica {
             eprintln!("---- {} log ----\n{log}", self.identity);
         }
     }
+}
+
+/// The (API group, resource[/subresource], verb) of every request `identity` made; each must be an
+/// endpoint the double serves.
+fn calls_of(server: &ApiServer, identity: &str) -> BTreeSet<(String, String, String)> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.is_from(identity))
+        .map(|r| {
+            let e = r.endpoint.unwrap_or_else(|| {
+                panic!("{identity} made a call the double does not serve: {r:?}")
+            });
+            let resource = match e.subresource {
+                Some(sub) => format!("{}/{sub}", e.resource),
+                None => e.resource.to_owned(),
+            };
+            (e.api_group.to_owned(), resource, e.verb.to_owned())
+        })
+        .collect()
+}
+
+/// What the rendered manifests grant the controller's roles (the release is named `can-dra`).
+fn granted_to_controller() -> BTreeSet<(String, String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/can-dra.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut granted = BTreeSet::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let is_role = object["kind"] == "ClusterRole" || object["kind"] == "Role";
+        if !is_role || !name.starts_with("can-dra-controller") {
+            continue;
+        }
+        for rule in object["rules"].as_array().into_iter().flatten() {
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        granted.insert((group.clone(), resource.clone(), verb));
+                    }
+                }
+            }
+        }
+    }
+    granted
+}
+
+/// Every call `identity` made is granted by the chart's RBAC for the controller.
+fn assert_granted(server: &ApiServer, identity: &str) {
+    let granted = granted_to_controller();
+    let missing: Vec<_> = calls_of(server, identity)
+        .into_iter()
+        .filter(|call| !granted.contains(call))
+        .collect();
+    assert!(missing.is_empty(), "the chart does not grant {missing:?}");
 }
 
 /// Polls `check` until it returns `Some`, failing with `what` after [`WAIT`].
@@ -292,6 +354,7 @@ async fn a_bus_gets_slices_that_follow_its_spec_and_go_with_it() {
     })
     .await;
     assert_eq!(pool_devices(&server, "chassis").len(), 1);
+    assert_granted(&server, "replica-a");
 }
 
 #[tokio::test]
@@ -369,6 +432,7 @@ async fn status_follows_claims_pods_and_nodes_and_a_deleted_node_is_cleaned_up()
             .all(|w| w.method == "DELETE" && w.path.ends_with("/node-a-can.dra.dev-0")),
         "only node-a's slice was touched: {writes:#?}"
     );
+    assert_granted(&server, "replica-a");
 }
 
 #[tokio::test]
@@ -451,4 +515,6 @@ async fn of_two_replicas_only_the_leader_writes_until_the_other_takes_over() {
         (devices.len() == 3 && wrote).then_some(())
     })
     .await;
+    assert_granted(&server, "replica-a");
+    assert_granted(&server, "replica-b");
 }
