@@ -100,7 +100,8 @@ pub struct PhysicalAttachment {
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanBusStatus {
-    /// Members per node: node name to the number of pods on it that joined the bus.
+    /// Members per node: node name to the number of member devices allocated there (claims
+    /// reserved by pods on that node, or whose allocation selects it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub members: BTreeMap<String, u32>,
     /// Tunnel endpoint per node (`host:port`), where the other nodes send the bus's frames.

@@ -287,6 +287,10 @@ fn spawn_sweeper(
 }
 
 async fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    if args.lease_duration < Duration::from_secs(1) {
+        // The Lease stores whole seconds: less would be a Lease that expires as it is taken.
+        bail!("--lease-duration must be at least 1s");
+    }
     let client = client(&args).await?;
     let lost = if args.no_leader_election {
         None

@@ -279,6 +279,29 @@ fn ready(status: &CanBusStatus) -> Option<(&str, &str)> {
         .map(|c| (c.status.as_str(), c.reason.as_str()))
 }
 
+/// Creates bus `name` and waits until the controller has published it and called it ready.
+async fn create_ready_bus(server: &ApiServer, buses: &Api<CanBus>, name: &str, members: u32) {
+    buses
+        .create(
+            &PostParams::default(),
+            &CanBus::new(name, bus_spec(members, "500k")),
+        )
+        .await
+        .unwrap();
+    eventually(&format!("{name} published and ready"), || {
+        status(server, name).filter(|s| ready(s) == Some(("True", "Published")))
+    })
+    .await;
+}
+
+/// The holder of the controller's leader Lease, if any.
+fn leader(server: &ApiServer) -> Option<String> {
+    server
+        .lease(LEASE_NAMESPACE, LEASE_NAME)?
+        .spec?
+        .holder_identity
+}
+
 async fn start() -> (ApiServer, Api<CanBus>, tempfile::TempDir) {
     let server = ApiServer::start().await.unwrap();
     let buses: Api<CanBus> = Api::all(server.client_as("test").await.unwrap());
@@ -365,17 +388,7 @@ async fn status_follows_claims_pods_and_nodes_and_a_deleted_node_is_cleaned_up()
     server.insert_slice(node_slice("node-a"));
     server.insert_slice(node_slice("node-b"));
     let _replica = Replica::start(&server, dir.path(), "replica-a");
-    buses
-        .create(
-            &PostParams::default(),
-            &CanBus::new("powertrain", bus_spec(4, "500k")),
-        )
-        .await
-        .unwrap();
-    eventually("a ready status", || {
-        status(&server, "powertrain").filter(|s| ready(s) == Some(("True", "Published")))
-    })
-    .await;
+    create_ready_bus(&server, &buses, "powertrain", 4).await;
 
     server.insert_pod(pod("p1", "node-a", "c1")).unwrap();
     server.insert_pod(pod("p2", "node-b", "c2")).unwrap();
@@ -441,22 +454,11 @@ async fn of_two_replicas_only_the_leader_writes_until_the_other_takes_over() {
     server.insert_node(node("node-a", "192.0.2.1"));
     let mut first = Replica::start(&server, dir.path(), "replica-a");
     eventually("replica-a leads", || {
-        let lease = server.lease(LEASE_NAMESPACE, LEASE_NAME)?;
-        (lease.spec?.holder_identity.as_deref() == Some("replica-a")).then_some(())
+        (leader(&server)? == "replica-a").then_some(())
     })
     .await;
     let second = Replica::start(&server, dir.path(), "replica-b");
-    buses
-        .create(
-            &PostParams::default(),
-            &CanBus::new("powertrain", bus_spec(2, "500k")),
-        )
-        .await
-        .unwrap();
-    eventually("the bus published", || {
-        status(&server, "powertrain").filter(|s| ready(s) == Some(("True", "Published")))
-    })
-    .await;
+    create_ready_bus(&server, &buses, "powertrain", 2).await;
     // Give the follower time to act, were it going to: several Lease retries.
     tokio::time::sleep(LEASE).await;
     let follower_requests: Vec<_> = server
@@ -488,8 +490,7 @@ async fn of_two_replicas_only_the_leader_writes_until_the_other_takes_over() {
     first.child.wait().unwrap();
     let killed = Instant::now();
     eventually("replica-b leads", || {
-        let lease = server.lease(LEASE_NAMESPACE, LEASE_NAME)?;
-        (lease.spec?.holder_identity.as_deref() == Some("replica-b")).then_some(())
+        (leader(&server)? == "replica-b").then_some(())
     })
     .await;
     let takeover = killed.elapsed();
