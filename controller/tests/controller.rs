@@ -418,6 +418,33 @@ async fn status_follows_claims_pods_and_nodes_and_a_deleted_node_is_cleaned_up()
     })
     .await;
 
+    // A claim of another pool triggers a reconcile of the bus (its pool is listed) that
+    // changes nothing, so nothing is written.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.clear_requests();
+    server.insert_claim(claim("c4", "elsewhere", &["m1"], "p1"));
+    eventually("a reconcile after the claim change", || {
+        server
+            .requests()
+            .iter()
+            .any(|r| {
+                r.path.ends_with("/resourceslices")
+                    && r.query.as_deref().is_some_and(|q| q.contains("canbus"))
+            })
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes: Vec<_> = server
+        .writes()
+        .into_iter()
+        .filter(|w| !w.path.contains("/leases/"))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "an unchanged status is not written: {writes:#?}"
+    );
+
     // node-a is deleted with its pod still listed: it leaves the status and its slices go.
     server.clear_requests();
     assert!(server.delete_node("node-a").is_some());
