@@ -1,5 +1,6 @@
 //! The double's HTTP surface: maps Kubernetes REST paths onto [`ENDPOINTS`](super::ENDPOINTS),
-//! decodes bodies into k8s-openapi types, calls the store and records every request.
+//! decodes bodies into k8s-openapi types (or checks JSON documents), calls the store, opens watch
+//! streams, and records every request with the client's bearer token.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 

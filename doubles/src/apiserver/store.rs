@@ -1,6 +1,7 @@
 //! The double's in-memory object store: Nodes, ResourceClaims and ResourceSlices as k8s-openapi
-//! values, with the bookkeeping kube-apiserver does on every write (uid, resourceVersion,
-//! creationTimestamp, generation) and a simplified server-side apply.
+//! values (CanBuses, Pods and Leases as JSON documents, see `documents`), with the bookkeeping
+//! kube-apiserver does on every write (uid, resourceVersion, creationTimestamp, generation), a
+//! simplified server-side apply, and a watch event for every change (see `events`).
 
 use std::collections::BTreeMap;
 
