@@ -24,6 +24,9 @@ pub const MAX_MEMBERS: u32 = 128;
 /// The member count of a bus that does not say.
 pub const DEFAULT_MAX_MEMBERS: u32 = 16;
 
+/// The lowest tunnel port a bus may ask for (below are the privileged ports).
+pub const MIN_TUNNEL_PORT: u16 = 1024;
+
 /// The slowest nominal bitrate accepted, 1 kbit/s.
 const MIN_NOMINAL_BPS: u32 = 1_000;
 /// The fastest classic (nominal) CAN bitrate, 1 Mbit/s.
@@ -70,6 +73,11 @@ pub struct CanBusSpec {
     /// Physical CAN controllers that are part of the bus.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub physical: Vec<PhysicalAttachment>,
+    /// The UDP port of the bus's node-to-node tunnel (1024-65535); the controller assigns one
+    /// from 47000 on when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub tunnel_port: Option<u16>,
 }
 
 fn default_max_members() -> u32 {
@@ -92,12 +100,16 @@ pub struct PhysicalAttachment {
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanBusStatus {
-    /// Members per node: node name to the number of pods on it that joined the bus.
+    /// Members per node: node name to the number of member devices allocated there (claims
+    /// reserved by pods on that node, or whose allocation selects it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub members: BTreeMap<String, u32>,
     /// Tunnel endpoint per node (`host:port`), where the other nodes send the bus's frames.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoints: BTreeMap<String, String>,
+    /// The UDP port of the bus's tunnel in force: `spec.tunnelPort`, or the one assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
     /// Conditions such as `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -157,6 +169,7 @@ impl CanBusSpec {
             max_members: DEFAULT_MAX_MEMBERS,
             node_selector: None,
             physical: Vec::new(),
+            tunnel_port: None,
         }
     }
 
@@ -201,6 +214,14 @@ impl CanBusSpec {
                     ));
                 }
             }
+        }
+        if let Some(port) = self.tunnel_port
+            && port < MIN_TUNNEL_PORT
+        {
+            return Err(invalid(
+                "tunnelPort",
+                format!("{port} is outside {MIN_TUNNEL_PORT}..=65535"),
+            ));
         }
         let mut seen = BTreeSet::new();
         for (i, attachment) in self.physical.iter().enumerate() {
@@ -352,6 +373,15 @@ mod tests {
             node_selector_terms: vec![term],
         });
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn tunnel_ports_below_1024_are_refused() {
+        let mut bus = spec("500k");
+        bus.tunnel_port = Some(1023);
+        assert_eq!(field(&bus), "tunnelPort");
+        bus.tunnel_port = Some(1024);
+        assert!(bus.validate().is_ok());
     }
 
     #[test]
