@@ -6,8 +6,9 @@
 //!   `GetInfo` and `NotifyRegistrationStatus`, and drives `NodePrepareResources` /
 //!   `NodeUnprepareResources` over DRA v1 and v1beta1 on the real unix sockets.
 //! - [`apiserver`]: an in-process HTTP Kubernetes API server double that serves and accepts
-//!   real `resource.k8s.io/v1` JSON (ResourceClaims, ResourceSlices, Nodes) and records every
-//!   write so tests can assert on what the daemon did.
+//!   real JSON (ResourceClaims, ResourceSlices, Nodes, Pods, Leases, CanBuses), streams watches,
+//!   and records every request with the client that made it, so tests can assert on what the
+//!   daemon and the controller did.
 
 pub mod apiserver;
 pub mod kubelet;

@@ -3,15 +3,18 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, Method, StatusCode, Uri, header};
 use k8s_openapi::Resource;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, ResourceClaim, ResourceSlice};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::documents::{self, DocumentKind, Part, Precondition, merge_patch};
+use super::events::{self, Opened};
 use super::failure::Failure;
 use super::store::{self, Store};
 use super::{ENDPOINTS, Endpoint, RecordedRequest};
@@ -25,6 +28,7 @@ pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, Store> {
 }
 
 const APPLY_PATCH: &str = "application/apply-patch+yaml";
+const MERGE_PATCH: &str = "application/merge-patch+json";
 
 /// Where a request points, parsed from its path.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -40,7 +44,9 @@ fn parse_path(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, rest) = match segments.as_slice() {
         ["api", "v1", rest @ ..] => ("", rest),
-        ["apis", group, "v1", rest @ ..] => (*group, rest),
+        // The double serves one version per group: v1, and v1alpha1 for the project's own types.
+        ["apis", group @ "can.dra.dev", "v1alpha1", rest @ ..] => (*group, rest),
+        ["apis", group, "v1", rest @ ..] if *group != "can.dra.dev" => (*group, rest),
         _ => return None,
     };
     let (namespace, rest) = match rest {
@@ -69,7 +75,11 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
-fn find_endpoint(method: &Method, target: &Target) -> Result<&'static Endpoint, Failure> {
+fn find_endpoint(
+    method: &Method,
+    target: &Target,
+    watch: bool,
+) -> Result<&'static Endpoint, Failure> {
     let same_resource = |e: &&Endpoint| {
         e.api_group == target.group
             && e.resource == target.resource
@@ -82,7 +92,11 @@ fn find_endpoint(method: &Method, target: &Target) -> Result<&'static Endpoint, 
     }
     // A served resource with a verb the daemon does not use (say listing Nodes): 405, not 404.
     candidates
-        .find(|e| e.method == method.as_str() && e.named == target.name.is_some())
+        .find(|e| {
+            e.method == method.as_str()
+                && e.named == target.name.is_some()
+                && (e.verb == "watch") == watch
+        })
         .ok_or_else(|| Failure::method_not_allowed(method.as_str(), &target.resource))
 }
 
@@ -95,16 +109,26 @@ pub(crate) async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let query: Vec<(String, String)> = Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
+    let watch = query
+        .iter()
+        .any(|(k, v)| k == "watch" && matches!(v.as_str(), "true" | "1"));
     let target = parse_path(uri.path());
     let endpoint = target
         .as_ref()
         .ok_or_else(Failure::unknown_path)
-        .and_then(|t| find_endpoint(&method, t));
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
-    let query: Vec<(String, String)> = Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
+        .and_then(|t| find_endpoint(&method, t, watch));
+    let header_text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header_text(header::CONTENT_TYPE)
+        .map(|v| v.split(';').next().unwrap_or(&v).trim().to_owned());
+    let token = header_text(header::AUTHORIZATION)
+        .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_owned()));
+    let user_agent = header_text(header::USER_AGENT);
     let mut store = lock(&shared);
     let matched = endpoint.as_ref().ok().copied().copied();
     let injected = store.take_injected(method.as_str(), uri.path());
@@ -124,8 +148,9 @@ pub(crate) async fn handle(
         (None, None, Ok(_)) => Err(Failure::unknown_path()),
     };
     let (status, response_body) = match outcome {
-        Ok((status, value)) => (status, value),
-        Err(failure) => (failure.code, failure.status_body()),
+        Ok(Answer::Object(status, value)) => (status, Body::from(value.to_string())),
+        Ok(Answer::Watch(opened)) => (StatusCode::OK, watch_body(*opened)),
+        Err(failure) => (failure.code, Body::from(failure.status_body().to_string())),
     };
     tracing::debug!(%method, path = uri.path(), status = status.as_u16(), "api server double");
     store.log.push(RecordedRequest {
@@ -136,13 +161,29 @@ pub(crate) async fn handle(
         body: String::from_utf8_lossy(&body).into_owned(),
         status: status.as_u16(),
         endpoint: matched,
+        token,
+        user_agent,
     });
+    drop(store);
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
-        response_body.to_string(),
+        response_body,
     )
         .into_response()
+}
+
+fn watch_body(opened: Opened) -> Body {
+    match opened {
+        Opened::Stream(start) => events::stream(*start),
+        Opened::Expired { requested, oldest } => events::expired_body(requested, oldest),
+    }
+}
+
+/// What a served request answers: one object, or a stream of watch events.
+enum Answer {
+    Object(StatusCode, Value),
+    Watch(Box<Opened>),
 }
 
 struct Request<'a> {
@@ -159,18 +200,23 @@ impl Request<'_> {
             .map(|(_, v)| v.as_str())
     }
 
-    fn reject_watch_and_labels(&self) -> Result<(), Failure> {
-        if matches!(self.param("watch"), Some("true" | "1")) {
-            return Err(Failure::bad_request(
-                "watch is not served by this API server double; list instead",
-            ));
-        }
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.param(key), Some("true" | "1"))
+    }
+
+    fn reject_labels(&self) -> Result<(), Failure> {
         if self.param("labelSelector").is_some_and(|s| !s.is_empty()) {
             return Err(Failure::bad_request(
                 "labelSelector is not supported by this API server double",
             ));
         }
         Ok(())
+    }
+
+    /// The body as JSON.
+    fn json(&self) -> Result<Value, Failure> {
+        serde_json::from_slice(self.body)
+            .map_err(|e| Failure::bad_request(format!("body is not JSON: {e}")))
     }
 
     /// Decodes a JSON body into a k8s-openapi type (which also checks apiVersion and kind).
@@ -238,7 +284,80 @@ fn same_name(in_body: Option<&str>, in_path: &str) -> Result<(), Failure> {
     }
 }
 
-type Outcome = Result<(StatusCode, Value), Failure>;
+type Outcome = Result<Answer, Failure>;
+
+fn ok(value: Value) -> Outcome {
+    Ok(Answer::Object(StatusCode::OK, value))
+}
+
+/// The fields a list or watch of `resource` may select on.
+fn selectable(resource: &str) -> &'static [&'static str] {
+    match resource {
+        "resourceslices" => store::SLICE_SELECTABLE,
+        "resourceclaims" => &["metadata.name", "metadata.namespace"],
+        other => documents::kind_of(other).map_or(&["metadata.name"], |k| k.selectable),
+    }
+}
+
+/// `apiVersion` and `kind` of the objects of `resource`.
+fn type_meta(resource: &str) -> (&'static str, &'static str) {
+    match resource {
+        "nodes" => (Node::API_VERSION, Node::KIND),
+        "resourceclaims" => (ResourceClaim::API_VERSION, ResourceClaim::KIND),
+        "resourceslices" => (ResourceSlice::API_VERSION, ResourceSlice::KIND),
+        other => documents::kind_of(other).map_or(("v1", "Unknown"), |k| (k.api_version, k.kind)),
+    }
+}
+
+/// Every stored object of `resource`, as JSON, for the start of a watch.
+fn current(store: &Store, resource: &str) -> Vec<Value> {
+    match resource {
+        "nodes" => store.list_nodes(&[]).iter().map(to_json).collect(),
+        "resourceclaims" => store
+            .claims
+            .values()
+            .map(|stored| to_json(&stored.claim))
+            .collect(),
+        "resourceslices" => store.list_slices(&[]).iter().map(to_json).collect(),
+        other => documents::kind_of(other)
+            .map(|kind| store.list_documents(kind, None, &[]))
+            .unwrap_or_default(),
+    }
+}
+
+fn open_watch(
+    store: &Store,
+    endpoint: &Endpoint,
+    target: &Target,
+    request: &Request<'_>,
+) -> Outcome {
+    request.reject_labels()?;
+    let fields = store::parse_field_selector(
+        request.param("fieldSelector").unwrap_or_default(),
+        selectable(endpoint.resource),
+    )?;
+    let watch = events::WatchRequest {
+        filter: events::Filter {
+            resource: endpoint.resource,
+            namespace: target.namespace.clone(),
+            fields,
+        },
+        resource_version: request.param("resourceVersion"),
+        bookmarks: request.flag("allowWatchBookmarks"),
+        send_initial_events: request.flag("sendInitialEvents"),
+        timeout_seconds: request.param("timeoutSeconds").and_then(|t| t.parse().ok()),
+        type_meta: type_meta(endpoint.resource),
+    };
+    let opened = store
+        .events
+        .open(
+            watch,
+            || current(store, endpoint.resource),
+            store.revision_number(),
+        )
+        .map_err(Failure::bad_request)?;
+    Ok(Answer::Watch(Box::new(opened)))
+}
 
 fn serve(
     store: &mut Store,
@@ -248,17 +367,32 @@ fn serve(
 ) -> Outcome {
     let name = target.name.as_deref().unwrap_or_default();
     let namespace = target.namespace.as_deref().unwrap_or_default();
-    let ok = |value: Value| Ok((StatusCode::OK, value));
+    if endpoint.verb == "watch" {
+        return open_watch(store, endpoint, target, request);
+    }
+    if let Some(kind) = documents::kind_of(endpoint.resource) {
+        return serve_document(store, kind, endpoint, target, request);
+    }
     match (endpoint.resource, endpoint.subresource, endpoint.verb) {
         ("nodes", None, "get") => ok(to_json(&store.node(name)?)),
-        ("resourceclaims", None, "get") => ok(to_json(&store.claim(namespace, name)?)),
-        ("resourceclaims", None, "list") => {
-            request.reject_watch_and_labels()?;
+        ("nodes", None, "list") => {
+            request.reject_labels()?;
             let terms = store::parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
                 &["metadata.name"],
             )?;
-            let claims = store.list_claims(namespace, &terms);
+            let nodes = store.list_nodes(&terms);
+            ok(list(store, &nodes))
+        }
+        ("nodes", None, "delete") => ok(to_json(&store.delete_node(name)?)),
+        ("resourceclaims", None, "get") => ok(to_json(&store.claim(namespace, name)?)),
+        ("resourceclaims", None, "list") => {
+            request.reject_labels()?;
+            let terms = store::parse_field_selector(
+                request.param("fieldSelector").unwrap_or_default(),
+                selectable("resourceclaims"),
+            )?;
+            let claims = store.list_claims(target.namespace.as_deref(), &terms);
             ok(list(store, &claims))
         }
         ("resourceclaims", Some("status"), "patch") => {
@@ -269,7 +403,7 @@ fn serve(
             )?))
         }
         ("resourceslices", None, "list") => {
-            request.reject_watch_and_labels()?;
+            request.reject_labels()?;
             let terms = store::parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
                 store::SLICE_SELECTABLE,
@@ -280,7 +414,10 @@ fn serve(
         ("resourceslices", None, "get") => ok(to_json(&store.slice(name)?)),
         ("resourceslices", None, "create") => {
             let slice: ResourceSlice = request.object()?;
-            Ok((StatusCode::CREATED, to_json(&store.create_slice(slice)?)))
+            Ok(Answer::Object(
+                StatusCode::CREATED,
+                to_json(&store.create_slice(slice)?),
+            ))
         }
         ("resourceslices", None, "update") => {
             let slice: ResourceSlice = request.object()?;
@@ -300,9 +437,109 @@ fn serve(
             } else {
                 StatusCode::OK
             };
-            Ok((code, to_json(&slice)))
+            Ok(Answer::Object(code, to_json(&slice)))
         }
         ("resourceslices", None, "delete") => ok(to_json(&store.delete_slice(name)?)),
+        _ => Err(Failure::method_not_allowed(
+            endpoint.method,
+            endpoint.resource,
+        )),
+    }
+}
+
+fn document_list(kind: &DocumentKind, store: &Store, items: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": kind.api_version,
+        "kind": format!("{}List", kind.kind),
+        "metadata": { "resourceVersion": store.revision() },
+        "items": items,
+    })
+}
+
+/// The `resourceVersion` a write body carries, if any.
+fn given_version(value: &Value) -> Option<String> {
+    value
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// CanBuses, Pods and Leases: the JSON document kinds.
+fn serve_document(
+    store: &mut Store,
+    kind: &DocumentKind,
+    endpoint: &Endpoint,
+    target: &Target,
+    request: &Request<'_>,
+) -> Outcome {
+    let name = target.name.as_deref().unwrap_or_default();
+    let namespace = target.namespace.as_deref().unwrap_or_default();
+    let part = match endpoint.subresource {
+        Some("status") => Part::Status,
+        _ => Part::Object,
+    };
+    match endpoint.verb {
+        "get" => ok(store.document(kind, namespace, name)?),
+        "list" => {
+            request.reject_labels()?;
+            let terms = store::parse_field_selector(
+                request.param("fieldSelector").unwrap_or_default(),
+                kind.selectable,
+            )?;
+            let items = store.list_documents(kind, target.namespace.as_deref(), &terms);
+            ok(document_list(kind, store, items))
+        }
+        "create" => {
+            let value = request.json()?;
+            let created = store.create_document(kind, namespace, value, false)?;
+            Ok(Answer::Object(StatusCode::CREATED, created))
+        }
+        "update" => {
+            let value = request.json()?;
+            same_name(
+                value.pointer("/metadata/name").and_then(Value::as_str),
+                name,
+            )?;
+            let precondition = Precondition {
+                resource_version: given_version(&value),
+                required: kind.update_needs_version,
+            };
+            ok(store.write_document(kind, namespace, name, value, part, precondition)?)
+        }
+        "patch" => {
+            let (patch, apply) = match request.content_type.unwrap_or_default() {
+                MERGE_PATCH => (request.json()?, false),
+                APPLY_PATCH => (request.apply()?.0, true),
+                other => return Err(Failure::unsupported_media_type(other)),
+            };
+            same_name(
+                patch.pointer("/metadata/name").and_then(Value::as_str),
+                name,
+            )?;
+            let version = given_version(&patch);
+            let stored = match store.document(kind, namespace, name) {
+                Ok(stored) => stored,
+                // Apply creates what is missing; a merge patch needs an object to patch.
+                Err(_) if apply && part == Part::Object => {
+                    let mut fresh = patch;
+                    merge_patch(
+                        &mut fresh,
+                        &json!({"metadata": {"name": name, "resourceVersion": null}}),
+                    );
+                    let created = store.create_document(kind, namespace, fresh, false)?;
+                    return Ok(Answer::Object(StatusCode::CREATED, created));
+                }
+                Err(failure) => return Err(failure),
+            };
+            let mut merged = stored;
+            merge_patch(&mut merged, &patch);
+            let precondition = Precondition {
+                resource_version: version,
+                required: false,
+            };
+            ok(store.write_document(kind, namespace, name, merged, part, precondition)?)
+        }
+        "delete" => ok(store.delete_document(kind, namespace, name)?),
         _ => Err(Failure::method_not_allowed(
             endpoint.method,
             endpoint.resource,

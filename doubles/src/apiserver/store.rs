@@ -9,7 +9,10 @@ use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, ResourceClaim, Resou
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use serde_json::Value;
+
 use super::RecordedRequest;
+use super::events::{Event, EventLog};
 use super::failure::Failure;
 use super::validate;
 
@@ -17,6 +20,18 @@ use super::validate;
 pub(crate) const SLICES: &str = "resourceslices.resource.k8s.io";
 pub(crate) const CLAIMS: &str = "resourceclaims.resource.k8s.io";
 pub(crate) const NODES: &str = "nodes";
+/// The plural resource names, as in paths and watch events.
+pub(crate) const CLAIMS_RESOURCE: &str = "resourceclaims";
+pub(crate) const SLICES_RESOURCE: &str = "resourceslices";
+
+/// Watch event types.
+pub(crate) const ADDED: &str = "ADDED";
+pub(crate) const MODIFIED: &str = "MODIFIED";
+pub(crate) const DELETED: &str = "DELETED";
+
+pub(crate) fn added_or_modified(existed: bool) -> &'static str {
+    if existed { MODIFIED } else { ADDED }
+}
 
 /// The list-map key of `status.devices`: driver, pool, device, shareID.
 pub(crate) type DeviceKey = (String, String, String, Option<String>);
@@ -109,6 +124,10 @@ pub(crate) struct Store {
     pub(crate) nodes: BTreeMap<String, Node>,
     pub(crate) claims: BTreeMap<(String, String), StoredClaim>,
     pub(crate) slices: BTreeMap<String, ResourceSlice>,
+    /// Objects the double keeps as JSON (CanBuses, Pods, Leases), by resource, then namespace
+    /// ("" when cluster-scoped) and name.
+    pub(crate) documents: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    pub(crate) events: EventLog,
     pub(crate) log: Vec<RecordedRequest>,
     pub(crate) injected: Vec<InjectedFailure>,
 }
@@ -142,9 +161,37 @@ impl Store {
         self.revision.to_string()
     }
 
-    fn next_revision(&mut self) -> String {
+    /// The current revision as a number.
+    pub(crate) fn revision_number(&self) -> u64 {
+        self.revision
+    }
+
+    pub(crate) fn next_revision(&mut self) -> String {
         self.revision += 1;
         self.revision.to_string()
+    }
+
+    /// Records a change for watches. A deletion is a change of its own: it takes a new revision,
+    /// which the deleted object carries in its event, as in kube-apiserver.
+    pub(crate) fn emit<T: serde::Serialize>(
+        &mut self,
+        resource: &'static str,
+        kind: &'static str,
+        object: &T,
+    ) {
+        let mut object = serde_json::to_value(object).unwrap_or(Value::Null);
+        if kind == DELETED {
+            let revision = self.next_revision();
+            if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.insert("resourceVersion".into(), Value::String(revision));
+            }
+        }
+        self.events.push(Event {
+            revision: self.revision,
+            resource,
+            kind,
+            object,
+        });
     }
 
     fn next_uid(&mut self) -> String {
@@ -154,7 +201,7 @@ impl Store {
     }
 
     /// Sets what kube-apiserver sets on create; a uid given by a test seed is kept.
-    fn stamp_created(&mut self, meta: &mut ObjectMeta, has_generation: bool) {
+    pub(crate) fn stamp_created(&mut self, meta: &mut ObjectMeta, has_generation: bool) {
         if meta.uid.as_deref().is_none_or(str::is_empty) {
             meta.uid = Some(self.next_uid());
         }
@@ -164,7 +211,7 @@ impl Store {
         meta.managed_fields = None;
     }
 
-    fn generate_name(&mut self, meta: &mut ObjectMeta) {
+    pub(crate) fn generate_name(&mut self, meta: &mut ObjectMeta) {
         if meta.name.as_deref().is_none_or(str::is_empty)
             && let Some(prefix) = meta.generate_name.as_deref()
         {
@@ -178,8 +225,26 @@ impl Store {
     pub(crate) fn insert_node(&mut self, mut node: Node) -> Node {
         self.stamp_created(&mut node.metadata, false);
         let name = node.metadata.name.clone().unwrap_or_default();
-        self.nodes.insert(name, node.clone());
+        let existed = self.nodes.insert(name, node.clone()).is_some();
+        self.emit(NODES, added_or_modified(existed), &node);
         node
+    }
+
+    pub(crate) fn list_nodes(&self, terms: &[FieldTerm]) -> Vec<Node> {
+        self.nodes
+            .iter()
+            .filter(|(name, _)| terms.iter().all(|t| (name.as_str() == t.value) == t.equal))
+            .map(|(_, node)| node.clone())
+            .collect()
+    }
+
+    pub(crate) fn delete_node(&mut self, name: &str) -> Result<Node, Failure> {
+        let node = self
+            .nodes
+            .remove(name)
+            .ok_or_else(|| Failure::not_found(NODES, name))?;
+        self.emit(NODES, DELETED, &node);
+        Ok(node)
     }
 
     pub(crate) fn node(&self, name: &str) -> Result<Node, Failure> {
@@ -210,20 +275,27 @@ impl Store {
             .flatten()
             .map(|entry| (device_key(entry), SEED_MANAGER.to_owned()))
             .collect();
-        self.claims.insert(
-            key,
-            StoredClaim {
-                claim: claim.clone(),
-                device_owners,
-            },
-        );
+        let existed = self
+            .claims
+            .insert(
+                key,
+                StoredClaim {
+                    claim: claim.clone(),
+                    device_owners,
+                },
+            )
+            .is_some();
+        self.emit(CLAIMS_RESOURCE, added_or_modified(existed), &claim);
         claim
     }
 
     pub(crate) fn delete_claim(&mut self, namespace: &str, name: &str) -> Option<ResourceClaim> {
-        self.claims
+        let claim = self
+            .claims
             .remove(&(namespace.to_owned(), name.to_owned()))
-            .map(|stored| stored.claim)
+            .map(|stored| stored.claim)?;
+        self.emit(CLAIMS_RESOURCE, DELETED, &claim);
+        Some(claim)
     }
 
     pub(crate) fn claim(&self, namespace: &str, name: &str) -> Result<ResourceClaim, Failure> {
@@ -233,11 +305,24 @@ impl Store {
             .ok_or_else(|| Failure::not_found(CLAIMS, name))
     }
 
-    pub(crate) fn list_claims(&self, namespace: &str, names: &[FieldTerm]) -> Vec<ResourceClaim> {
+    /// The claims in `namespace` (all namespaces when `None`) matching `terms` (on
+    /// `metadata.name` and `metadata.namespace`).
+    pub(crate) fn list_claims(
+        &self,
+        namespace: Option<&str>,
+        terms: &[FieldTerm],
+    ) -> Vec<ResourceClaim> {
+        let field = |(ns, name): &(String, String), field: &str| match field {
+            "metadata.namespace" => ns.clone(),
+            _ => name.clone(),
+        };
         self.claims
             .iter()
-            .filter(|((ns, name), _)| {
-                ns == namespace && names.iter().all(|t| (name == &t.value) == t.equal)
+            .filter(|(key, _)| {
+                namespace.is_none_or(|n| key.0 == n)
+                    && terms
+                        .iter()
+                        .all(|t| (field(key, &t.field) == t.value) == t.equal)
             })
             .map(|(_, stored)| stored.claim.clone())
             .collect()
@@ -306,6 +391,7 @@ impl Store {
         updated.claim.metadata.resource_version = Some(self.next_revision());
         let claim = updated.claim.clone();
         self.claims.insert(key, updated);
+        self.emit(CLAIMS_RESOURCE, MODIFIED, &claim);
         Ok(claim)
     }
 
@@ -355,6 +441,7 @@ impl Store {
         validate::slice(&slice)?;
         self.stamp_created(&mut slice.metadata, true);
         self.slices.insert(name, slice.clone());
+        self.emit(SLICES_RESOURCE, ADDED, &slice);
         Ok(slice)
     }
 
@@ -436,20 +523,25 @@ impl Store {
         new.metadata.resource_version = Some(self.next_revision());
         let name = new.metadata.name.clone().unwrap_or_default();
         self.slices.insert(name, new.clone());
+        self.emit(SLICES_RESOURCE, MODIFIED, &new);
         Ok(new)
     }
 
     pub(crate) fn insert_slice(&mut self, mut slice: ResourceSlice) -> ResourceSlice {
         self.stamp_created(&mut slice.metadata, true);
         let name = slice.metadata.name.clone().unwrap_or_default();
-        self.slices.insert(name, slice.clone());
+        let existed = self.slices.insert(name, slice.clone()).is_some();
+        self.emit(SLICES_RESOURCE, added_or_modified(existed), &slice);
         slice
     }
 
     pub(crate) fn delete_slice(&mut self, name: &str) -> Result<ResourceSlice, Failure> {
-        self.slices
+        let slice = self
+            .slices
             .remove(name)
-            .ok_or_else(|| Failure::not_found(SLICES, name))
+            .ok_or_else(|| Failure::not_found(SLICES, name))?;
+        self.emit(SLICES_RESOURCE, DELETED, &slice);
+        Ok(slice)
     }
 }
 

@@ -315,10 +315,335 @@ async fn the_kubeconfig_file_reaches_the_double() {
     let nodes: Api<Node> = Api::all(Client::try_from(config).unwrap());
     let node = nodes.get("n1").await.unwrap();
     assert!(node.metadata.uid.is_some());
-    let listed = nodes.list(&ListParams::default()).await.unwrap_err();
+    let created = nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap_err();
     assert_eq!(
-        status_code(listed).0,
+        status_code(created).0,
         405,
-        "listing nodes is not an endpoint the daemon uses"
+        "creating nodes is not an endpoint any component uses"
     );
+}
+
+// ---- Watches, documents, leases and client identity ------------------------------------------
+
+mod watching {
+    use std::time::Duration;
+
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
+    use k8s_openapi::api::resource::v1::ResourceSlice;
+    use kube::api::{
+        ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams,
+        PostParams, WatchEvent, WatchParams,
+    };
+    use kube::{Api, Client};
+    use serde_json::json;
+    use tokio_stream::StreamExt;
+
+    use super::{ApiServer, slice, slice_json, start, status_code};
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn canbuses(client: Client) -> Api<DynamicObject> {
+        let resource = ApiResource {
+            group: "can.dra.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "can.dra.dev/v1alpha1".into(),
+            kind: "CanBus".into(),
+            plural: "canbuses".into(),
+        };
+        Api::all_with(client, &resource)
+    }
+
+    fn canbus(name: &str, members: u32) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "can.dra.dev/v1alpha1",
+            "kind": "CanBus",
+            "metadata": {"name": name},
+            "spec": {"bitrate": "500k", "maxMembers": members},
+            "status": {"members": {"node-a": 1}},
+        }))
+        .unwrap()
+    }
+
+    /// The next `count` events of a watch, as (type, name, resourceVersion); bookmarks as
+    /// ("BOOKMARK", "", rv).
+    async fn next_events<K>(
+        stream: &mut (impl tokio_stream::Stream<Item = kube::Result<WatchEvent<K>>> + Unpin),
+        count: usize,
+    ) -> Vec<(String, String, String)>
+    where
+        K: kube::Resource,
+    {
+        let mut out = Vec::new();
+        while out.len() < count {
+            let event = tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("a watch event in time")
+                .expect("the watch goes on")
+                .unwrap();
+            let describe = |kind: &str, object: &K| {
+                (
+                    kind.to_owned(),
+                    object.meta().name.clone().unwrap_or_default(),
+                    object.meta().resource_version.clone().unwrap_or_default(),
+                )
+            };
+            out.push(match &event {
+                WatchEvent::Added(o) => describe("ADDED", o),
+                WatchEvent::Modified(o) => describe("MODIFIED", o),
+                WatchEvent::Deleted(o) => describe("DELETED", o),
+                WatchEvent::Bookmark(b) => (
+                    "BOOKMARK".into(),
+                    String::new(),
+                    b.metadata.resource_version.clone(),
+                ),
+                WatchEvent::Error(e) => ("ERROR".into(), e.reason.clone(), e.code.to_string()),
+            });
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_watch_delivers_adds_changes_and_deletions_in_order_and_filters_fields() {
+        let (_server, client) = start().await;
+        let api: Api<ResourceSlice> = Api::all(client);
+        let listed = api.list(&ListParams::default()).await.unwrap();
+        let from = listed.metadata.resource_version.unwrap();
+        let params = WatchParams::default()
+            .fields("spec.driver=can.dra.dev")
+            .disable_bookmarks();
+        let mut stream = Box::pin(api.watch(&params, &from).await.unwrap());
+
+        let other: ResourceSlice = serde_json::from_value({
+            let mut v = slice_json("other", "n1", json!([{"name": "x"}]));
+            v["spec"]["driver"] = json!("other.example.com");
+            v
+        })
+        .unwrap();
+        api.create(&PostParams::default(), &other).await.unwrap();
+        let created = api
+            .create(&PostParams::default(), &slice("s1", "n1"))
+            .await
+            .unwrap();
+        let mut changed = created.clone();
+        changed.spec.pool.generation = 2;
+        api.replace("s1", &PostParams::default(), &changed)
+            .await
+            .unwrap();
+        api.delete("s1", &DeleteParams::default()).await.unwrap();
+
+        let events = next_events(&mut stream, 3).await;
+        let kinds: Vec<(&str, &str)> = events
+            .iter()
+            .map(|(k, n, _)| (k.as_str(), n.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [("ADDED", "s1"), ("MODIFIED", "s1"), ("DELETED", "s1")]
+        );
+        let versions: Vec<u64> = events
+            .iter()
+            .map(|(_, _, rv)| rv.parse().unwrap())
+            .collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "each change has a newer resourceVersion: {versions:?}"
+        );
+
+        // Resuming from the first event replays the rest from the history.
+        let mut resumed = Box::pin(api.watch(&params, &events[0].2).await.unwrap());
+        let replay = next_events(&mut resumed, 2).await;
+        assert_eq!(replay[0].0, "MODIFIED");
+        assert_eq!(replay[1].0, "DELETED");
+    }
+
+    #[tokio::test]
+    async fn a_watch_without_version_starts_with_the_objects_and_bookmarks_when_asked() {
+        let (server, client) = start().await;
+        server.insert_node(Node {
+            metadata: ObjectMeta {
+                name: Some("node-a".into()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        });
+        let api: Api<Node> = Api::all(client);
+        // kube-rs asks for bookmarks by default.
+        let mut stream = Box::pin(api.watch(&WatchParams::default(), "0").await.unwrap());
+        let events = next_events(&mut stream, 2).await;
+        assert_eq!(
+            (events[0].0.as_str(), events[0].1.as_str()),
+            ("ADDED", "node-a")
+        );
+        assert_eq!(events[1].0, "BOOKMARK");
+
+        // A test removing the Node is seen by watchers.
+        assert!(server.delete_node("node-a").is_some());
+        let events = next_events(&mut stream, 1).await;
+        assert_eq!(
+            (events[0].0.as_str(), events[0].1.as_str()),
+            ("DELETED", "node-a")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_a_compacted_version_gets_410_expired() {
+        let (server, client) = start().await;
+        let api: Api<ResourceSlice> = Api::all(client);
+        let created = api
+            .create(&PostParams::default(), &slice("s1", "n1"))
+            .await
+            .unwrap();
+        let old = created.metadata.resource_version.unwrap();
+        api.delete("s1", &DeleteParams::default()).await.unwrap();
+        server.compact();
+        let params = WatchParams::default().disable_bookmarks();
+        let mut stream = Box::pin(api.watch(&params, &old).await.unwrap());
+        let events = next_events(&mut stream, 1).await;
+        assert_eq!(events[0], ("ERROR".into(), "Expired".into(), "410".into()));
+    }
+
+    #[tokio::test]
+    async fn lease_updates_with_a_stale_resource_version_conflict() {
+        let (server, client) = start().await;
+        let api: Api<Lease> = Api::namespaced(client, "kube-system");
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some("leader".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("a".into()),
+                ..LeaseSpec::default()
+            }),
+        };
+        let v1 = api.create(&PostParams::default(), &lease).await.unwrap();
+        let err = api
+            .create(&PostParams::default(), &lease)
+            .await
+            .unwrap_err();
+        assert_eq!(status_code(err), (409, "AlreadyExists".into()));
+
+        let mut renewed = v1.clone();
+        renewed.spec.as_mut().unwrap().holder_identity = Some("b".into());
+        let v2 = api
+            .replace("leader", &PostParams::default(), &renewed)
+            .await
+            .unwrap();
+        assert_ne!(v2.metadata.resource_version, v1.metadata.resource_version);
+        // A second writer that read v1 loses the race.
+        let err = api
+            .replace("leader", &PostParams::default(), &v1)
+            .await
+            .unwrap_err();
+        assert_eq!(status_code(err), (409, "Conflict".into()));
+        let stored = server.lease("kube-system", "leader").unwrap();
+        assert_eq!(stored.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn canbus_status_is_a_subresource_and_spec_changes_bump_the_generation() {
+        let (server, client) = start().await;
+        let api = canbuses(client);
+        let created = api
+            .create(&PostParams::default(), &canbus("powertrain", 4))
+            .await
+            .unwrap();
+        assert!(
+            created.data.get("status").is_none(),
+            "create cannot set status"
+        );
+        assert_eq!(created.metadata.generation, Some(1));
+
+        // Status through the subresource; the spec is left alone.
+        let patch = json!({"status": {"members": {"node-b": 2}}});
+        let with_status = api
+            .patch_status("powertrain", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        assert_eq!(with_status.data["status"]["members"]["node-b"], 2);
+        assert_eq!(with_status.metadata.generation, Some(1));
+
+        // A spec change through the object keeps the status and bumps the generation.
+        let mut bigger = with_status.clone();
+        bigger.data["spec"]["maxMembers"] = json!(8);
+        bigger.data["status"] = json!({"members": {}});
+        let bigger = api
+            .replace("powertrain", &PostParams::default(), &bigger)
+            .await
+            .unwrap();
+        assert_eq!(bigger.metadata.generation, Some(2));
+        assert_eq!(bigger.data["status"]["members"]["node-b"], 2);
+
+        // Custom resources need a resourceVersion to update; a stale one conflicts.
+        let mut unversioned = bigger.clone();
+        unversioned.metadata.resource_version = None;
+        let err = api
+            .replace("powertrain", &PostParams::default(), &unversioned)
+            .await
+            .unwrap_err();
+        assert_eq!(status_code(err).0, 422);
+        let err = api
+            .replace_status("powertrain", &PostParams::default(), &with_status)
+            .await
+            .unwrap_err();
+        assert_eq!(status_code(err), (409, "Conflict".into()));
+
+        api.delete("powertrain", &DeleteParams::default())
+            .await
+            .unwrap();
+        assert!(server.canbus("powertrain").is_none());
+    }
+
+    #[tokio::test]
+    async fn pods_are_listed_across_namespaces_by_node() {
+        let (server, client) = start().await;
+        for (namespace, name, node) in [("a", "p1", "node-a"), ("b", "p2", "node-b")] {
+            server
+                .insert_pod(Pod {
+                    metadata: ObjectMeta {
+                        name: Some(name.into()),
+                        namespace: Some(namespace.into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(PodSpec {
+                        node_name: Some(node.into()),
+                        ..PodSpec::default()
+                    }),
+                    ..Pod::default()
+                })
+                .unwrap();
+        }
+        let all: Api<Pod> = Api::all(client.clone());
+        let on_b = all
+            .list(&ListParams::default().fields("spec.nodeName=node-b"))
+            .await
+            .unwrap();
+        let names: Vec<_> = on_b.items.iter().map(|p| p.metadata.name.clone()).collect();
+        assert_eq!(names, [Some("p2".to_owned())]);
+        let in_a: Api<Pod> = Api::namespaced(client, "a");
+        assert!(in_a.get("p1").await.is_ok());
+        assert!(in_a.get("p2").await.is_err());
+        assert!(server.delete_pod("a", "p1"));
+        assert!(in_a.get("p1").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_log_records_which_client_made_each_request() {
+        let server = ApiServer::start_on("127.0.0.2:0").await.unwrap();
+        assert!(server.url().starts_with("http://127.0.0.2:"));
+        for token in ["replica-a", "replica-b"] {
+            let api: Api<Node> = Api::all(server.client_as(token).await.unwrap());
+            assert!(api.get_opt("missing").await.unwrap().is_none());
+        }
+        let tokens: Vec<_> = server.requests().iter().map(|r| r.token.clone()).collect();
+        assert_eq!(
+            tokens,
+            [Some("replica-a".to_owned()), Some("replica-b".to_owned())]
+        );
+        assert!(server.requests()[0].is_from("replica-a"));
+    }
 }
