@@ -546,7 +546,12 @@ pub async fn run<H: TunnelHost>(
     let mut last_problems: Vec<String> = Vec::new();
     let mut last_counters = tokio::time::Instant::now();
     loop {
-        match reader.list().await {
+        // A hanging API call must not hold up the shutdown.
+        let listed = tokio::select! {
+            () = shutdown.cancelled() => break,
+            listed = reader.list() => listed,
+        };
+        match listed {
             Ok(listed) => {
                 let mut buses = Vec::new();
                 let mut problems = Vec::new();

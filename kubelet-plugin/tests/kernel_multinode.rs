@@ -486,6 +486,39 @@ async fn scenario(count: u8, leave_and_return: bool) {
         assert_eq!(seen, &once(&ids), "pod on {}", lan.nodes[i].name);
     }
 
+    if !leave_and_return {
+        // A restarted daemon adopts its tunnel pair and members: the rules come back once, and
+        // frames still cross exactly once.
+        let node = &mut lan.nodes[0];
+        let rules = cangw_rules(&node.ns).unwrap().len();
+        node.plugin = None;
+        node.daemon = None;
+        node.spawn(&kubeconfig);
+        node.register().await;
+        let node = &lan.nodes[0];
+        eventually("the rules after the restart", || {
+            cangw_rules(&node.ns).unwrap().len() == rules
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            cangw_rules(&node.ns).unwrap().len(),
+            rules,
+            "rules duplicated"
+        );
+        let ids: Vec<u32> = (0..n as u32).map(|i| 0x400 + i).collect();
+        let senders: Vec<(usize, u32)> = ids.iter().enumerate().map(|(i, id)| (i, *id)).collect();
+        let seen = exchange(&pods, &senders, &vec![n; n]);
+        for (i, seen) in seen.iter().enumerate() {
+            assert_eq!(
+                seen,
+                &once(&ids),
+                "pod on {} after a restart",
+                lan.nodes[i].name
+            );
+        }
+    }
+
     if leave_and_return {
         let last = n - 1;
         // The last node leaves the status: the others stop sending to it and drop what it
@@ -536,7 +569,7 @@ async fn scenario(count: u8, leave_and_return: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "kernel test: needs CAN modules, veth and CAP_NET_ADMIN; run by `cargo xtask test`"]
-async fn two_daemons_join_one_bus_and_clean_up() {
+async fn two_daemons_join_one_bus_survive_a_restart_and_clean_up() {
     scenario(2, false).await;
 }
 
