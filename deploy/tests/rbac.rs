@@ -43,6 +43,11 @@ const KUBELET_PLUGIN: &[Call] = &[
     ),
     // The Node owns the node's ResourceSlices (its UID goes in ownerReferences).
     ("", "nodes", "get", None),
+    // Cross-node buses: members of a CanBus pool are checked against their CanBus, and the
+    // tunnels follow its status (tunnel port, the other nodes' endpoints).
+    ("can.dra.dev", "canbuses", "get", None),
+    ("can.dra.dev", "canbuses", "list", None),
+    ("can.dra.dev", "canbuses", "watch", None),
     // Publishing the node's pool.
     ("resource.k8s.io", "resourceslices", "get", None),
     ("resource.k8s.io", "resourceslices", "list", None),

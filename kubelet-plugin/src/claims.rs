@@ -50,6 +50,8 @@ pub struct AllocatedClaim {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KnownDevices {
     devices: BTreeSet<(String, String)>,
+    // Devices of cluster-wide buses are checked against their CanBus by the node driver.
+    shared_pools: bool,
 }
 
 impl KnownDevices {
@@ -78,9 +80,16 @@ impl KnownDevices {
         self.devices.insert((pool.to_owned(), device.into()));
     }
 
+    /// Also lets through every device of a cluster-wide bus pool (`canbus/<bus>`); whether
+    /// the device exists is then checked against the CanBus.
+    pub fn accept_shared_pools(&mut self) {
+        self.shared_pools = true;
+    }
+
     /// Whether the node serves this device.
     pub fn contains(&self, pool: &str, device: &str) -> bool {
-        self.devices.contains(&(pool.to_owned(), device.to_owned()))
+        (self.shared_pools && crate::canbuses::is_shared_pool(pool))
+            || self.devices.contains(&(pool.to_owned(), device.to_owned()))
     }
 }
 

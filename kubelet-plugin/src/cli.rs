@@ -67,9 +67,39 @@ pub struct PluginArgs {
     #[arg(long)]
     pub health_probe: bool,
 
+    /// The address this node's tunnel endpoints listen on (one UDP port per cluster-wide bus,
+    /// from the CanBus status); no tunnel runs and nothing listens when absent.
+    #[arg(long, env = "CAN_DRA_TUNNEL_ADDRESS")]
+    pub tunnel_address: Option<std::net::IpAddr>,
+
+    /// How often CanBuses are read again to follow tunnel membership, such as `5s` or `500ms`.
+    #[arg(long, env = "CAN_DRA_TUNNEL_RESYNC", default_value = "5s", value_parser = parse_duration)]
+    pub tunnel_resync: std::time::Duration,
+
     /// Log format.
     #[arg(long, env = "CAN_DRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `<number>ms` or `<number>s`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit): (&str, fn(u64) -> std::time::Duration) =
+        if let Some(ms) = text.strip_suffix("ms") {
+            (ms, std::time::Duration::from_millis)
+        } else if let Some(s) = text.strip_suffix('s') {
+            (s, std::time::Duration::from_secs)
+        } else {
+            return Err(format!(
+                "{text:?}: expected a number with ms or s, such as 5s"
+            ));
+        };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with ms or s, such as 5s"))?;
+    if value == 0 {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(unit(value))
 }
 
 #[cfg(test)]
@@ -96,6 +126,33 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/plugins")
         );
         assert_eq!(args.cdi_dir, PathBuf::from("/var/run/cdi"));
+    }
+
+    #[test]
+    fn the_tunnel_is_off_unless_an_address_is_given() {
+        let base = ["can-dra-kubelet-plugin", "--node-name", "n1"];
+        let args = PluginArgs::try_parse_from(base).unwrap();
+        assert_eq!(args.tunnel_address, None);
+        assert_eq!(args.tunnel_resync, std::time::Duration::from_secs(5));
+        let args = PluginArgs::try_parse_from(base.iter().copied().chain([
+            "--tunnel-address",
+            "192.0.2.7",
+            "--tunnel-resync",
+            "250ms",
+        ]))
+        .unwrap();
+        assert_eq!(args.tunnel_address, Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(args.tunnel_resync, std::time::Duration::from_millis(250));
+        for bad in ["0s", "5", "fast", "1.5s"] {
+            let error =
+                PluginArgs::try_parse_from(base.iter().copied().chain(["--tunnel-resync", bad]))
+                    .unwrap_err();
+            assert!(error.to_string().contains("tunnel-resync"), "{error}");
+        }
+        let error =
+            PluginArgs::try_parse_from(base.iter().copied().chain(["--tunnel-address", "node-a"]))
+                .unwrap_err();
+        assert!(error.to_string().contains("tunnel-address"), "{error}");
     }
 
     #[test]

@@ -173,13 +173,21 @@ impl fmt::Display for SlotBus {
     }
 }
 
+/// Whether a link is one the driver creates: a member's host end or a tunnel pair end.
+fn is_driver_link(name: &str) -> bool {
+    can_dra_dataplane::bus::naming::is_owned(name) || crate::tunnels::is_tunnel_link(name)
+}
+
 impl Inventory {
     /// Builds the inventory from the controllers found on the node and the plugin configuration:
     /// controllers pass `physical.include`/`exclude` and get `physical.slots` slots; virtual buses
     /// come from `virtualBuses` (an FD bus without a data bitrate uses its nominal bitrate).
+    /// Links the driver creates itself (member host ends, tunnel pairs) are never controllers,
+    /// whatever the patterns say: after a restart they are there, and the default `*` matches.
     pub fn from_config(found: Vec<PhysicalController>, config: &NodeConfig) -> Self {
         let physical = found
             .into_iter()
+            .filter(|c| !is_driver_link(&c.interface))
             .filter(|c| config.publishes_physical(&c.interface))
             .map(|c| PhysicalController {
                 slots: config.physical.slots,
@@ -548,6 +556,22 @@ mod tests {
                 controller("vcan0", 1),
             ],
             &config,
+        );
+        let everything = NodeConfig::default();
+        let own = Inventory::from_config(
+            vec![
+                controller("vcan0", 1),
+                controller("cdracaae087b6e8", 1),
+                controller("vxtm-body", 1),
+                controller("vxtt-body", 1),
+            ],
+            &everything,
+        );
+        let interfaces: Vec<_> = own.physical.iter().map(|c| c.interface.as_str()).collect();
+        assert_eq!(
+            interfaces,
+            ["vcan0"],
+            "the driver's own links are no controllers"
         );
         let names: Vec<_> = inventory
             .slots()

@@ -9,6 +9,8 @@
 //! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
 //! - [`node`]: the node driver joining claims, checkpoint, CDI, status and the data plane.
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
+//! - [`canbuses`]: cluster-wide buses (CanBus resources) as the node reads them.
+//! - [`tunnels`]: one tunnel endpoint per cluster-wide bus, joined to the node's bus mesh.
 //!
 //! The kernel work itself lives in the `can-dra-dataplane` crate; the wire contracts with the
 //! kubelet in `can-dra-proto`; the claim parameters in `can-dra-api`.
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adapters;
+pub mod canbuses;
 pub mod cdi;
 pub mod checkpoint;
 pub mod claims;
@@ -33,6 +36,7 @@ pub mod server;
 pub mod slices;
 pub mod sockets;
 pub mod status;
+pub mod tunnels;
 
 /// The default driver name; every other name (CDI kind, API group) derives from it.
 pub const DEFAULT_DRIVER_NAME: &str = "can.dra.dev";

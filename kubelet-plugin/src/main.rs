@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use can_dra_api::NodeConfig;
 use can_dra_kubelet_plugin::adapters::{self, AdapterWatch};
+use can_dra_kubelet_plugin::canbuses::CanBusReader;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
@@ -26,6 +27,7 @@ use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
 use can_dra_kubelet_plugin::slices::SlicePublisher;
 use can_dra_kubelet_plugin::sockets::SocketLayout;
 use can_dra_kubelet_plugin::status::StatusWriter;
+use can_dra_kubelet_plugin::tunnels::{self, KernelTunnelHost, TunnelSettings, Tunnels};
 use can_dra_kubelet_plugin::{cli::PluginArgs, logging};
 use can_dra_proto::dra::v1::NodePrepareResourcesRequest;
 use can_dra_proto::dra::v1::dra_plugin_client::DraPluginClient;
@@ -95,12 +97,13 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
             node: args.node_name.clone(),
             inventory,
             claims: ClaimReader::new(client.clone(), &args.driver_name),
-            status: StatusWriter::new(client, &args.driver_name),
+            status: StatusWriter::new(client.clone(), &args.driver_name),
             cdi: CdiWriter::new(&args.cdi_dir, &args.driver_name, &args.hook_path)
                 .with_hook_socket(&hook_socket),
             checkpoint: CheckpointStore::new(data_dir.join("checkpoint.json")),
         })
-        .context("starting the node driver")?,
+        .context("starting the node driver")?
+        .with_shared_buses(CanBusReader::new(client.clone())),
     );
     // Before serving, so a hook call for an attached pod finds it attached; a failure must not
     // keep pods from being prepared, so it is logged (by recover) and the daemon goes on.
@@ -129,12 +132,27 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     );
     plugin.pod_uid = args.pod_uid.clone();
     let adapter_watch = AdapterWatch::new(driver.clone(), publisher, config);
+    let driver_for_tunnels = driver.clone();
     let server = PluginServer::start(plugin, driver, shutdown.clone())
         .await
         .context("starting the kubelet plugin servers")?;
     tracing::info!(hook = %hook_socket.display(), "serving");
 
     tokio::spawn(adapter_watch.run(adapters::RELIST_INTERVAL, shutdown.clone()));
+    let tunnels = args.tunnel_address.map(|address| {
+        tokio::spawn(tunnels::run(
+            TunnelSettings {
+                node: args.node_name.clone(),
+                address,
+                resync: args.tunnel_resync,
+                counters_every: TUNNEL_COUNTERS_INTERVAL,
+            },
+            CanBusReader::new(client),
+            driver_for_tunnels.clone(),
+            Tunnels::new(KernelTunnelHost::new(driver_for_tunnels)),
+            shutdown.clone(),
+        ))
+    });
     let signals = shutdown.clone();
     tokio::spawn(async move {
         match wait_for_signal().await {
@@ -145,6 +163,11 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     });
     let served = server.wait().await;
     shutdown.cancel();
+    if let Some(tunnels) = tunnels
+        && let Err(error) = tunnels.await
+    {
+        tracing::warn!(%error, "the tunnel task failed");
+    }
     if let Err(error) = hook_task.await {
         tracing::warn!(%error, "the hook server task failed");
     }
@@ -153,6 +176,9 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     }
     served.context("the kubelet plugin servers failed")
 }
+
+/// How often the tunnel counters are logged (at debug).
+const TUNNEL_COUNTERS_INTERVAL: Duration = Duration::from_secs(30);
 
 async fn wait_for_signal() -> std::io::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};

@@ -23,6 +23,7 @@ use can_dra_dataplane::netns::Netns;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
+use crate::canbuses::{CanBusReader, is_shared_pool};
 use crate::cdi::{CdiWriter, ClaimDevice};
 use crate::checkpoint::CheckpointStore;
 use crate::claims::{ClaimReader, KnownDevices};
@@ -78,6 +79,10 @@ pub struct PreparedMember {
     pub bus: String,
     /// The member's parameters (everything but its namespace, known only at attach time).
     pub member: MemberParams,
+    /// For a member of a cluster-wide bus (a CanBus pool): whether that bus carries CAN FD. Its
+    /// mesh on this node is named after the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_fd: Option<bool>,
     /// The fully qualified CDI device id handed to the kubelet.
     pub cdi_device_id: String,
     /// Where the member is attached, once the hook ran.
@@ -405,6 +410,9 @@ pub struct NodeDriver {
     // kernel.
     buses: Arc<std::sync::Mutex<Option<Buses<SystemKernel>>>>,
     health: watch::Sender<Vec<DeviceHealth>>,
+    // Where members of cluster-wide buses are checked; without it only this node's pools are
+    // served.
+    shared: Option<CanBusReader>,
 }
 
 impl std::fmt::Debug for NodeDriver {
@@ -433,6 +441,7 @@ impl NodeDriver {
             state: Mutex::new(state),
             buses: Arc::new(std::sync::Mutex::new(None)),
             health,
+            shared: None,
         };
         let physical = driver.inventory().physical;
         driver.update_controllers(&physical);
@@ -468,7 +477,10 @@ impl NodeDriver {
     pub async fn apply_inventory(&self, inventory: Inventory) -> Result<Vec<String>, NodeError> {
         // The state lock orders this against prepare and unprepare.
         let state = self.state.lock().await;
-        let (known, mut slots) = slot_table(&self.parts.node, &inventory)?;
+        let (mut known, mut slots) = slot_table(&self.parts.node, &inventory)?;
+        if self.shared.is_some() {
+            known.accept_shared_pools();
+        }
         let mut kept = Vec::new();
         {
             let old = self.topology();
@@ -531,6 +543,99 @@ impl NodeDriver {
             inventory.physical.clone()
         };
         self.update_controllers(&physical);
+    }
+
+    /// Also serves members of cluster-wide buses (devices `m<N>` of pools `canbus/<bus>`),
+    /// checking each against its CanBus read through `reader` when the claim is prepared.
+    pub fn with_shared_buses(mut self, reader: CanBusReader) -> Self {
+        self.topology
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .known
+            .accept_shared_pools();
+        self.shared = Some(reader);
+        self
+    }
+
+    /// The cluster-wide bus pools this node has prepared members of.
+    pub async fn shared_pools(&self) -> std::collections::BTreeSet<String> {
+        self.state
+            .lock()
+            .await
+            .claims
+            .values()
+            .flat_map(|claim| &claim.devices)
+            .filter(|device| device.shared_fd.is_some())
+            .map(|device| device.pool.clone())
+            .collect()
+    }
+
+    /// The bus a prepared member joins: a node-local slot's bus, or the mesh of a cluster-wide
+    /// bus.
+    fn slot_of(&self, member: &PreparedMember) -> Option<SlotInfo> {
+        match member.shared_fd {
+            Some(fd) => {
+                let mut spec = BusSpec::new(member.bus.clone());
+                spec.fd = fd;
+                Some(SlotInfo {
+                    bus: member.bus.clone(),
+                    spec,
+                })
+            }
+            None => self.slot(&member.device),
+        }
+    }
+
+    /// The bus of an allocated device and whether it is a cluster-wide one (then its FD flag).
+    async fn bus_of(
+        &self,
+        claim: &ClaimRef,
+        pool: &str,
+        device: &str,
+    ) -> Result<(SlotInfo, Option<bool>), String> {
+        if !is_shared_pool(pool) {
+            let slot = self
+                .slot(device)
+                .filter(|_| pool == self.parts.node)
+                .ok_or_else(|| {
+                    format!("claim {claim}: device {pool}/{device} is not served by this node")
+                })?;
+            return Ok((slot, None));
+        }
+        let reader = self.shared.as_ref().ok_or_else(|| {
+            format!(
+                "claim {claim}: device {pool}/{device} belongs to a cluster-wide bus, which this \
+                 daemon does not serve"
+            )
+        })?;
+        let bus = reader
+            .by_pool(pool)
+            .await
+            .map_err(|e| format!("claim {claim}: device {pool}/{device}: {e}"))?
+            .ok_or_else(|| {
+                format!("claim {claim}: device {pool}/{device}: no CanBus publishes pool {pool}")
+            })?;
+        bus.check_member_device(device)
+            .map_err(|e| format!("claim {claim}: {e}"))?;
+        let mut spec = BusSpec::new(pool);
+        spec.fd = bus.spec.fd;
+        Ok((
+            SlotInfo {
+                bus: pool.to_owned(),
+                spec,
+            },
+            Some(bus.spec.fd),
+        ))
+    }
+
+    /// Runs `work` on the node's data plane (opened on first use) on a blocking thread. The
+    /// tunnels use it too: they share the buses with the members.
+    pub async fn with_data_plane<T, F>(&self, work: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Buses<SystemKernel>) -> Result<T, String> + Send + 'static,
+    {
+        self.with_buses(work).await
     }
 
     /// Recomputes the health feed from the controllers found now: slots of a controller that is
@@ -619,15 +724,7 @@ impl NodeDriver {
         let mut devices = Vec::new();
         let mut cdi_devices = Vec::new();
         for member in &allocated.members {
-            let slot = self
-                .slot(&member.device)
-                .filter(|_| member.pool == self.parts.node)
-                .ok_or_else(|| {
-                    format!(
-                        "claim {claim}: device {}/{} is not served by this node",
-                        member.pool, member.device
-                    )
-                })?;
+            let (slot, shared_fd) = self.bus_of(claim, &member.pool, &member.device).await?;
             let params = MemberParams::from_resolved(&member.member, slot.spec.fd);
             cdi_devices.push(ClaimDevice {
                 request: main_request(&member.request).to_owned(),
@@ -642,6 +739,7 @@ impl NodeDriver {
                 share_id: member.share_id.clone(),
                 bus: slot.bus.clone(),
                 member: params,
+                shared_fd,
                 cdi_device_id: String::new(),
                 attachment: None,
             });
@@ -876,6 +974,11 @@ impl NodeDriver {
             .collect();
         for (uid, claim) in &state.claims {
             for device in &claim.devices {
+                if device.attachment.is_some()
+                    && let Some(slot) = self.slot_of(device)
+                {
+                    buses.entry(slot.bus).or_insert(slot.spec);
+                }
                 let (Some(attachment), Some(bus)) = (device.attachment, buses.get_mut(&device.bus))
                 else {
                     continue;
@@ -1029,7 +1132,7 @@ impl Attacher for NodeDriver {
                 request.claim_uid, request.pool, request.device
             ));
         };
-        let Some(slot) = self.slot(&member.device) else {
+        let Some(slot) = self.slot_of(&member) else {
             return Err(format!(
                 "device {}/{} is no longer published by this node",
                 member.pool, member.device
@@ -1117,6 +1220,7 @@ mod tests {
                     device: format!("body-m{k}"),
                     share_id: None,
                     bus: "body".into(),
+                    shared_fd: None,
                     member: MemberParams {
                         interface: format!("can{k}"),
                         fd: false,

@@ -483,6 +483,7 @@ async fn restarted_driver(
                 device: "body-m0".into(),
                 share_id: None,
                 bus: "body".into(),
+                shared_fd: None,
                 member: MemberParams {
                     interface: "ecu0".into(),
                     fd: false,

@@ -2,12 +2,12 @@
 //! their own link and rules, so the rest of the bus keeps flowing; a failed step undoes what
 //! the operation already did.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tracing::{debug, info, info_span, warn};
 
 use super::BusError;
-use super::kernel::{End, HostLink, Kernel, KernelErrorKind, ObservedRule, PairRequest};
+use super::kernel::{End, HostLink, Kernel, KernelErrorKind, ObservedRule, PairRequest, Rule};
 use super::model::{BusSpec, DesiredState, MemberSpec};
 use super::naming::host_name;
 use super::plan::{self, Endpoint, Role};
@@ -237,6 +237,74 @@ impl<K: Kernel> Buses<K> {
         }
         self.namespaces.remove(member_id);
         info!("member left");
+        Ok(())
+    }
+
+    /// Replaces a bus's external interfaces (its physical controller and its tunnel end),
+    /// leaving its members in place: rules that only the old externals needed are deleted (every
+    /// copy), rules the new ones need are added once. Calling it again with the same interfaces
+    /// changes nothing, and duplicates a crash left behind are removed. The new interfaces must
+    /// exist; nothing is changed when one does not.
+    pub fn set_externals(
+        &mut self,
+        bus_name: &str,
+        physical: Option<String>,
+        tunnel: Option<String>,
+    ) -> Result<(), BusError> {
+        let _span = info_span!("bus", bus = %bus_name).entered();
+        let old = self
+            .state
+            .bus(bus_name)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownBus {
+                bus: bus_name.into(),
+            })?;
+        let new = BusSpec {
+            physical,
+            tunnel,
+            ..old.clone()
+        };
+        let mut candidate = self.state.clone();
+        if let Some(target) = candidate.bus_mut(bus_name) {
+            *target = new.clone();
+        }
+        plan::validate(&candidate)?;
+        let links = self.links()?;
+        let wanted: BTreeSet<Rule> = plan::mesh(&plan::endpoints(&new, &links)?)
+            .iter()
+            .filter_map(|rule| rule.resolve(&links))
+            .collect();
+        // An old external that is gone took its rules with it, so a failure here only means
+        // fewer rules to look for: the members' rules are then checked against `wanted` alone.
+        let before: BTreeSet<Rule> = plan::endpoints(&old, &links)
+            .map(|endpoints| {
+                plan::mesh(&endpoints)
+                    .iter()
+                    .filter_map(|rule| rule.resolve(&links))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut kept = BTreeSet::new();
+        for observed in self.kernel.rules()? {
+            let Some(rule) = observed.as_rule() else {
+                continue;
+            };
+            if wanted.contains(&rule) && kept.insert(rule) {
+                continue;
+            }
+            if wanted.contains(&rule) || before.contains(&rule) {
+                self.kernel.delete_rule(&observed)?;
+            }
+        }
+        for rule in wanted.difference(&kept) {
+            self.kernel.add_rule(rule)?;
+        }
+        if let Some(target) = self.state.bus_mut(bus_name) {
+            *target = new;
+        }
+        info!(physical = ?self.state.bus(bus_name).and_then(|b| b.physical.clone()),
+            tunnel = ?self.state.bus(bus_name).and_then(|b| b.tunnel.clone()),
+            "bus externals set");
         Ok(())
     }
 

@@ -134,6 +134,74 @@ fn physical_and_tunnel_are_meshed_with_each_other_and_removed_with_the_bus() {
 }
 
 #[test]
+fn externals_set_at_run_time_join_the_members_mesh_once_and_leave_it_again() {
+    let ids = ["a", "b"];
+    let mut kernel = kernel_with(&ids);
+    kernel.add_host_link("can0", LinkKind::Can, 16);
+    kernel.add_host_link("vxtm-b", LinkKind::Vxcan, 16);
+    let mut buses = Buses::new(kernel);
+    buses.add_bus(BusSpec::new("b")).unwrap();
+    for id in ids {
+        buses.join("b", member(id)).unwrap();
+    }
+    let members_only = classic_mesh(&hosts(&ids));
+    let mut all = hosts(&ids);
+    all.push("can0".into());
+    all.push("vxtm-b".into());
+    let full = classic_mesh(&all);
+
+    buses
+        .set_externals("b", Some("can0".into()), Some("vxtm-b".into()))
+        .unwrap();
+    assert_eq!(rule_set(buses.kernel_mut()), full);
+    // Again (as after a restart): nothing is duplicated.
+    buses
+        .set_externals("b", Some("can0".into()), Some("vxtm-b".into()))
+        .unwrap();
+    assert_eq!(buses.kernel_mut().rules.len(), full.len());
+    // A copy a crash left behind is removed.
+    let (src, dst) = (
+        buses.kernel_mut().ifindex("vxtm-b"),
+        buses.kernel_mut().ifindex(&host_name("a")),
+    );
+    buses
+        .kernel_mut()
+        .push_rule(src, dst, FLAG_IIF_TX_OK, false);
+    buses
+        .set_externals("b", Some("can0".into()), Some("vxtm-b".into()))
+        .unwrap();
+    assert_eq!(buses.kernel_mut().rules.len(), full.len());
+    // A later member is meshed with the externals too.
+    assert_eq!(
+        buses.state().bus("b").and_then(|b| b.tunnel.clone()),
+        Some("vxtm-b".to_string())
+    );
+
+    buses.set_externals("b", None, None).unwrap();
+    assert_eq!(rule_set(buses.kernel_mut()), members_only);
+    assert_eq!(buses.kernel_mut().rules.len(), members_only.len());
+}
+
+#[test]
+fn externals_that_do_not_exist_change_nothing() {
+    let mut buses = Buses::new(kernel_with(&["a"]));
+    buses.add_bus(BusSpec::new("b")).unwrap();
+    buses.join("b", member("a")).unwrap();
+    let error = buses
+        .set_externals("b", None, Some("vxtm-gone".into()))
+        .unwrap_err();
+    assert!(
+        matches!(error, BusError::UnknownInterface { .. }),
+        "{error}"
+    );
+    assert_eq!(buses.state().bus("b").and_then(|b| b.tunnel.clone()), None);
+    assert!(matches!(
+        buses.set_externals("nope", None, None),
+        Err(BusError::UnknownBus { .. })
+    ));
+}
+
+#[test]
 fn leaving_removes_only_that_members_link_and_rules() {
     let ids = ["a", "b", "c", "d"];
     let mut buses = Buses::new(kernel_with(&ids));
