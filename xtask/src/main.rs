@@ -94,7 +94,7 @@ struct VmFlags {
     #[arg(long, default_value_t = 3072)]
     memory: u32,
     /// Kill the VM after this many seconds.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 3600)]
     timeout: u64,
     /// Show the guest kernel console and the boot time.
     #[arg(long, short)]

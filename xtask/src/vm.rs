@@ -41,7 +41,7 @@ impl Default for Options {
             kvm: false,
             cpus: 2,
             memory_mib: 3072,
-            timeout: Duration::from_secs(30 * 60),
+            timeout: Duration::from_secs(60 * 60),
             verbose: false,
         }
     }
