@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use can_dra_api::NodeConfig;
-use can_dra_dataplane::link::{CanController, CanKind, LinkError, LinkEvent, LinkMonitor, Links};
+use can_dra_dataplane::link::{CanController, LinkError, LinkEvent, LinkMonitor, Links};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::inventory::{Inventory, PhysicalController};
+use crate::inventory::{Inventory, PhysicalController, is_driver_link};
 use crate::node::{NodeDriver, NodeError, physical_controller};
 use crate::slices::{PublishReport, SliceError, SlicePublisher};
 
@@ -44,12 +44,13 @@ pub enum AdapterError {
     Publish(#[from] SliceError),
 }
 
-/// The links published as controllers: every CAN link but the vxcan pairs, which are the
-/// driver's own member links (or another tool's), never adapters. Sorted by interface name, so that two listings of the same links compare equal.
+/// The links published as controllers: every CAN link but the driver's own member and tunnel
+/// links. A vxcan of another tool stays eligible: it is how a wire or ECU stand-in is attached.
+/// Sorted by interface name, so that two listings of the same links compare equal.
 pub fn published_controllers(found: &[CanController]) -> Vec<PhysicalController> {
     let mut published: Vec<PhysicalController> = found
         .iter()
-        .filter(|c| c.kind != CanKind::Vxcan)
+        .filter(|c| !is_driver_link(&c.name))
         .map(physical_controller)
         .collect();
     published.sort_by(|a, b| a.interface.cmp(&b.interface));
@@ -298,8 +299,8 @@ async fn next_event(events: &mut Option<mpsc::UnboundedReceiver<LinkEvent>>) -> 
     }
 }
 
-/// Forwards the CAN link notifications but those about vxcan links (member links come and go
-/// with every attach) until the receiver is dropped. The monitor blocks, so it gets a thread.
+/// Forwards the CAN link notifications but those about the driver's own links (member links come
+/// and go with every attach) until the receiver is dropped. The monitor blocks, so it gets a thread.
 fn spawn_monitor(sender: mpsc::UnboundedSender<LinkEvent>) {
     let spawned = std::thread::Builder::new()
         .name("can-link-monitor".into())
@@ -318,7 +319,7 @@ fn spawn_monitor(sender: mpsc::UnboundedSender<LinkEvent>) {
                             LinkEvent::Added(c) | LinkEvent::Removed(c) => c,
                             LinkEvent::Changed { after, .. } => after,
                         };
-                        if about.kind != CanKind::Vxcan && sender.send(event).is_err() {
+                        if !is_driver_link(&about.name) && sender.send(event).is_err() {
                             return;
                         }
                     }
@@ -339,7 +340,7 @@ fn spawn_monitor(sender: mpsc::UnboundedSender<LinkEvent>) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use can_dra_dataplane::link::{CanState, OperState};
+    use can_dra_dataplane::link::{CanKind, CanState, OperState};
 
     use super::*;
     use crate::inventory::ControllerState;
@@ -366,7 +367,9 @@ mod tests {
     fn member_links_are_never_adapters_and_down_links_are_stopped() {
         let found = [
             link("can0", CanKind::Can, true, Some(CanState::ErrorActive)),
-            link("cdra1234", CanKind::Vxcan, true, None),
+            link("cdra0123456789a", CanKind::Vxcan, true, None),
+            link("vxtm-body", CanKind::Vxcan, true, None),
+            link("ecu0", CanKind::Vxcan, true, None),
             link("vcan0", CanKind::Vcan, false, None),
             link("vcan1", CanKind::Vcan, true, None),
         ];
@@ -378,6 +381,7 @@ mod tests {
             published,
             [
                 ("can0".to_owned(), ControllerState::ErrorActive),
+                ("ecu0".to_owned(), ControllerState::Unknown),
                 ("vcan0".to_owned(), ControllerState::Stopped),
                 ("vcan1".to_owned(), ControllerState::Unknown),
             ]

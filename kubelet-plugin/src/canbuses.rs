@@ -70,11 +70,6 @@ impl SharedBus {
         spec.validate()
             .map_err(|e| malformed("spec", e.to_string()))?;
         let raw_status = object.data.get("status").cloned();
-        let status: CanBusStatus = match &raw_status {
-            Some(value) if !value.is_null() => serde_json::from_value(value.clone())
-                .map_err(|e| malformed("status", e.to_string()))?,
-            _ => CanBusStatus::default(),
-        };
         let tunnel_port = match raw_status.as_ref().and_then(|s| s.get("tunnelPort")) {
             None | Some(serde_json::Value::Null) => None,
             Some(value) => {
@@ -87,6 +82,12 @@ impl SharedBus {
                     })?;
                 Some(port)
             }
+        };
+        // After the port, so that a bad port is reported by its own field name.
+        let status: CanBusStatus = match &raw_status {
+            Some(value) if !value.is_null() => serde_json::from_value(value.clone())
+                .map_err(|e| malformed("status", e.to_string()))?,
+            _ => CanBusStatus::default(),
         };
         Ok(Self {
             name,

@@ -174,7 +174,7 @@ impl fmt::Display for SlotBus {
 }
 
 /// Whether a link is one the driver creates: a member's host end or a tunnel pair end.
-fn is_driver_link(name: &str) -> bool {
+pub fn is_driver_link(name: &str) -> bool {
     can_dra_dataplane::bus::naming::is_owned(name) || crate::tunnels::is_tunnel_link(name)
 }
 

@@ -349,8 +349,6 @@ async fn prepare_and_attach(api: &ApiServer, node: &Node, pod: &Pod, i: usize) {
         .collect();
     let mut child = Command::new(hook["path"].as_str().unwrap())
         .args(&args)
-        .arg("--socket")
-        .arg(node.plugins().join(DRIVER).join("hook.sock"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -59,8 +59,8 @@ impl Drop for Pod {
 }
 
 /// Runs the `createRuntime` hook of the claim's CDI spec (path and arguments as written there)
-/// with the OCI state of a container whose process is `pid` on stdin, pointed at the daemon's
-/// hook socket. Returns whether it succeeded and its stderr.
+/// with the OCI state of a container whose process is `pid` on stdin; the spec must name the
+/// daemon's hook socket `socket`. Returns whether it succeeded and its stderr.
 pub fn run_cdi_hook(spec_path: &Path, socket: &Path, pid: u32) -> (bool, String) {
     let spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spec_path).unwrap()).unwrap();
@@ -73,10 +73,14 @@ pub fn run_cdi_hook(spec_path: &Path, socket: &Path, pid: u32) -> (bool, String)
         .skip(1)
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
+    assert!(
+        args.windows(2)
+            .any(|pair| pair[0] == "--socket" && Path::new(&pair[1]) == socket),
+        "the CDI spec does not name the hook socket {}: {args:?}",
+        socket.display()
+    );
     let mut child = Command::new(hook["path"].as_str().unwrap())
         .args(&args)
-        .arg("--socket")
-        .arg(socket)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
