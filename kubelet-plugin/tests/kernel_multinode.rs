@@ -12,9 +12,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
+mod kernel_support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -338,37 +338,9 @@ async fn prepare_and_attach(api: &ApiServer, node: &Node, pod: &Pod, i: usize) {
     let spec_path = node
         .cdi()
         .join(format!("k8s.can.dra.dev-can_{}.json", wire.uid));
-    let spec: Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
-    let hook = &spec["devices"][0]["containerEdits"]["hooks"][0];
-    let args: Vec<String> = hook["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .skip(1)
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect();
-    let mut child = Command::new(hook["path"].as_str().unwrap())
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let state = json!({"ociVersion": "1.2.0", "id": format!("ctr-{i}"), "status": "creating",
-                       "pid": pod.sleeper.id(), "bundle": "/run/bundle"});
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(state.to_string().as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "hook on {}: {}",
-        node.name,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let socket = node.plugins().join(DRIVER).join("hook.sock");
+    let (ok, stderr) = kernel_support::run_cdi_hook(&spec_path, &socket, pod.sleeper.id());
+    assert!(ok, "hook on {}: {stderr}", node.name);
 }
 
 /// Waits until `check` holds, or fails with `what`.
