@@ -10,8 +10,13 @@
 //! ```
 //!
 //! Decoding trusts nothing in the datagram: counts and lengths are checked against the bytes
-//! actually present, nothing is allocated from a received count, and a datagram is accepted or
-//! rejected as a whole, so a peer never gets half of a malformed batch onto the bus.
+//! actually present and nothing is allocated from a received count. Where the framing itself is
+//! broken (a bad header, a count or a length that does not match the bytes) the datagram is
+//! rejected as a whole, since no frame boundary after the fault can be trusted. Where one frame
+//! is bad but its extent is unambiguous, only that frame is affected: an FD length that no DLC
+//! encodes (9, 33, ...) is rounded up to the next valid length with zero padding, as the kernel
+//! does with such frames (`canfd_sanitize_len`), and an FD frame with the RTR flag is dropped
+//! and counted ([`Header::fd_remote_dropped`]).
 #![forbid(unsafe_code)]
 
 /// The only format version this codec speaks.
@@ -368,20 +373,6 @@ pub enum DecodeError {
         /// The limit.
         max: u8,
     },
-    /// An FD payload length no DLC encodes.
-    #[error("frame {index} has length {len}, which is not a CAN FD payload length")]
-    InvalidFdLength {
-        /// The frame's position in the datagram.
-        index: u16,
-        /// The length received (without the FD bit).
-        len: u8,
-    },
-    /// An FD frame with the RTR flag: CAN FD has no remote frames.
-    #[error("frame {index} is an FD frame with the RTR flag")]
-    FdRemote {
-        /// The frame's position in the datagram.
-        index: u16,
-    },
     /// Bytes left over after the announced frames.
     #[error("{extra} bytes follow the {count} announced frames")]
     TrailingBytes {
@@ -407,25 +398,19 @@ pub enum RejectReason {
     TruncatedFrame,
     /// [`DecodeError::OversizedLength`].
     OversizedLength,
-    /// [`DecodeError::InvalidFdLength`].
-    InvalidFdLength,
-    /// [`DecodeError::FdRemote`].
-    FdRemote,
     /// [`DecodeError::TrailingBytes`].
     TrailingBytes,
 }
 
 impl RejectReason {
     /// Every reason, in a stable order (for counter tables).
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::ShortHeader,
         RejectReason::WrongVersion,
         RejectReason::WrongOpCode,
         RejectReason::CountBeyondPayload,
         RejectReason::TruncatedFrame,
         RejectReason::OversizedLength,
-        RejectReason::InvalidFdLength,
-        RejectReason::FdRemote,
         RejectReason::TrailingBytes,
     ];
 
@@ -438,8 +423,6 @@ impl RejectReason {
             RejectReason::CountBeyondPayload => "count_beyond_payload",
             RejectReason::TruncatedFrame => "truncated_frame",
             RejectReason::OversizedLength => "oversized_length",
-            RejectReason::InvalidFdLength => "invalid_fd_length",
-            RejectReason::FdRemote => "fd_remote",
             RejectReason::TrailingBytes => "trailing_bytes",
         }
     }
@@ -460,26 +443,29 @@ impl DecodeError {
             DecodeError::CountBeyondPayload { .. } => RejectReason::CountBeyondPayload,
             DecodeError::TruncatedFrame { .. } => RejectReason::TruncatedFrame,
             DecodeError::OversizedLength { .. } => RejectReason::OversizedLength,
-            DecodeError::InvalidFdLength { .. } => RejectReason::InvalidFdLength,
-            DecodeError::FdRemote { .. } => RejectReason::FdRemote,
             DecodeError::TrailingBytes { .. } => RejectReason::TrailingBytes,
         }
     }
 }
 
-/// The header fields of an accepted datagram.
+/// The header fields of an accepted datagram, and what happened to its odd frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     /// The sender's sequence number (informational: UDP does not order, and neither do we).
     pub seq: u8,
-    /// Frames in the datagram.
+    /// Frames in the datagram, as announced (dropped ones included).
     pub count: u16,
+    /// FD frames with the RTR flag (CAN FD has no remote frames): skipped, not appended.
+    pub fd_remote_dropped: u16,
+    /// FD frames whose length no DLC encodes, appended rounded up to the next valid length.
+    pub fd_len_rounded: u16,
 }
 
 /// Decodes one datagram, appending its frames to `frames`.
 ///
-/// All or nothing: on error `frames` is left as it was. A count of 0 is a valid, empty
-/// datagram. `frames` grows only by frames actually present, so a hostile count cannot make
+/// On error (broken framing) `frames` is left as it was. A frame that is bad but whose extent is
+/// certain costs only itself (see the module docs and [`Header`]). A count of 0 is a valid,
+/// empty datagram. `frames` grows only by frames actually present, so a hostile count cannot make
 /// it allocate.
 ///
 /// ```
@@ -510,10 +496,23 @@ fn decode_frames(datagram: &[u8], frames: &mut Vec<Frame>) -> Result<Header, Dec
         return Err(DecodeError::WrongOpCode { op_code });
     }
     let count = u16::from_be_bytes([count_hi, count_lo]);
+    let mut header = Header {
+        seq,
+        count,
+        fd_remote_dropped: 0,
+        fd_len_rounded: 0,
+    };
     let mut rest = body;
     for index in 0..count {
-        let (frame, tail) = decode_frame(rest, index, count)?;
-        frames.push(frame);
+        let (decoded, tail) = decode_frame(rest, index, count)?;
+        match decoded {
+            Decoded::Frame(frame) => frames.push(frame),
+            Decoded::Rounded(frame) => {
+                header.fd_len_rounded += 1;
+                frames.push(frame);
+            }
+            Decoded::FdRemote => header.fd_remote_dropped += 1,
+        }
         rest = tail;
     }
     if !rest.is_empty() {
@@ -522,10 +521,33 @@ fn decode_frames(datagram: &[u8], frames: &mut Vec<Frame>) -> Result<Header, Dec
             extra: rest.len(),
         });
     }
-    Ok(Header { seq, count })
+    Ok(header)
 }
 
-fn decode_frame(bytes: &[u8], index: u16, count: u16) -> Result<(Frame, &[u8]), DecodeError> {
+/// One frame's extent decoded: a frame to append, or one to count and skip.
+enum Decoded {
+    Frame(Frame),
+    /// An FD frame whose length was rounded up to a valid FD length.
+    Rounded(Frame),
+    /// An FD frame with the RTR flag.
+    FdRemote,
+}
+
+/// The smallest valid CAN FD payload length at or above `len` (`len` at most 64).
+fn round_up_fd_len(len: u8) -> u8 {
+    match len {
+        0..=8 => len,
+        9..=12 => 12,
+        13..=16 => 16,
+        17..=20 => 20,
+        21..=24 => 24,
+        25..=32 => 32,
+        33..=48 => 48,
+        _ => 64,
+    }
+}
+
+fn decode_frame(bytes: &[u8], index: u16, count: u16) -> Result<(Decoded, &[u8]), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::CountBeyondPayload {
             count,
@@ -548,12 +570,6 @@ fn decode_frame(bytes: &[u8], index: u16, count: u16) -> Result<(Frame, &[u8]), 
                 max: FD_MAX_LEN,
             });
         }
-        if !is_valid_fd_len(len) {
-            return Err(DecodeError::InvalidFdLength { index, len });
-        }
-        if remote {
-            return Err(DecodeError::FdRemote { index });
-        }
         let [flags, ref rest @ ..] = *rest else {
             return Err(truncated(1 + usize::from(len)));
         };
@@ -574,6 +590,9 @@ fn decode_frame(bytes: &[u8], index: u16, count: u16) -> Result<(Frame, &[u8]), 
         return Err(truncated(carried - rest.len()));
     }
     let (data, rest) = rest.split_at(carried);
+    if fd_flags.is_some() && remote {
+        return Ok((Decoded::FdRemote, rest));
+    }
     let mut frame = Frame {
         can_id,
         fd_flags,
@@ -581,7 +600,12 @@ fn decode_frame(bytes: &[u8], index: u16, count: u16) -> Result<(Frame, &[u8]), 
         data: [0; 64],
     };
     frame.data[..carried].copy_from_slice(data);
-    Ok((frame, rest))
+    if fd_flags.is_some() && !is_valid_fd_len(len) {
+        // The padding bytes are already zero.
+        frame.len = round_up_fd_len(len);
+        return Ok((Decoded::Rounded(frame), rest));
+    }
+    Ok((Decoded::Frame(frame), rest))
 }
 
 #[cfg(test)]
@@ -680,7 +704,15 @@ mod tests {
         ];
         let mut frames = Vec::new();
         let header = decode(&datagram, &mut frames).unwrap();
-        assert_eq!(header, Header { seq: 200, count: 3 });
+        assert_eq!(
+            header,
+            Header {
+                seq: 200,
+                count: 3,
+                fd_remote_dropped: 0,
+                fd_len_rounded: 0,
+            }
+        );
         assert_eq!(
             frames,
             vec![
@@ -776,15 +808,13 @@ mod tests {
                     max: 64,
                 },
             ),
-            // FD len 9
+            // FD len 9 with only the flags byte: truncated, not rounded
             (
                 &[2, 0, 0, 0, 1, 0, 0, 0, 1, 0x89, 0],
-                DecodeError::InvalidFdLength { index: 0, len: 9 },
-            ),
-            // FD with RTR
-            (
-                &[2, 0, 0, 0, 1, 0x40, 0, 0, 1, 0x80, 0],
-                DecodeError::FdRemote { index: 0 },
+                DecodeError::TruncatedFrame {
+                    index: 0,
+                    needed: 9,
+                },
             ),
             // one complete frame, then two stray bytes
             (
@@ -800,6 +830,61 @@ mod tests {
         for (datagram, expected) in cases {
             assert_eq!(decoded(datagram), Err(*expected), "{datagram:?}");
         }
+    }
+
+    /// A datagram packed by hand: a valid Classic frame, an FD frame of `odd_len` bytes
+    /// (0x11 each) and a valid FD frame, as cannelloni forwards them from a virtual bus.
+    fn around_odd_fd_frame(odd_len: u8) -> Vec<u8> {
+        let mut datagram = vec![2, 0, 5, 0, 3];
+        datagram.extend([0, 0, 1, 0x23, 2, 0xaa, 0xbb]);
+        datagram.extend([0, 0, 2, 0x34, 0x80 | odd_len, CANFD_BRS]);
+        datagram.extend(std::iter::repeat_n(0x11, usize::from(odd_len)));
+        datagram.extend([0, 0, 3, 0x45, 0x80 | 12, 0]);
+        datagram.extend([0x22; 12]);
+        datagram
+    }
+
+    #[test]
+    fn an_fd_frame_of_a_length_no_dlc_encodes_is_rounded_up_and_its_neighbours_kept() {
+        for (odd, rounded) in [(9u8, 12u8), (11, 12), (13, 16), (33, 48), (49, 64)] {
+            let mut frames = Vec::new();
+            let header = decode(&around_odd_fd_frame(odd), &mut frames).unwrap();
+            assert_eq!(
+                (header.count, header.fd_len_rounded),
+                (3, 1),
+                "length {odd}"
+            );
+            assert_eq!(header.fd_remote_dropped, 0);
+            let mut padded = vec![0x11; usize::from(odd)];
+            padded.resize(usize::from(rounded), 0);
+            assert_eq!(
+                frames,
+                vec![
+                    Frame::classic(0x123, &[0xaa, 0xbb]).unwrap(),
+                    Frame::fd(0x234, CANFD_BRS, &padded).unwrap(),
+                    Frame::fd(0x345, 0, &[0x22; 12]).unwrap(),
+                ],
+                "length {odd}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_fd_remote_frame_is_dropped_alone_and_counted() {
+        // Classic 0x123, then FD with RTR (flags byte, no data), then Classic 0x124.
+        let datagram = [
+            2, 0, 0, 0, 3, 0, 0, 1, 0x23, 1, 0xaa, 0x40, 0, 0, 1, 0x88, 0, 0, 0, 1, 0x24, 1, 0xbb,
+        ];
+        let mut frames = Vec::new();
+        let header = decode(&datagram, &mut frames).unwrap();
+        assert_eq!((header.count, header.fd_remote_dropped), (3, 1));
+        assert_eq!(
+            frames,
+            vec![
+                Frame::classic(0x123, &[0xaa]).unwrap(),
+                Frame::classic(0x124, &[0xbb]).unwrap(),
+            ]
+        );
     }
 
     #[test]

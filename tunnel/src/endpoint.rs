@@ -209,6 +209,9 @@ pub enum DropReason {
     Rejected(RejectReason),
     /// An error frame from a peer: it describes the remote controller, not this bus.
     ErrorFrameFromPeer,
+    /// An FD frame with the RTR flag from a peer (CAN FD has no remote frames); the rest of its
+    /// datagram is delivered.
+    FdRemoteFromPeer,
     /// A frame from a peer found the queue towards CAN full.
     ToCanQueueFull,
     /// The CAN socket refused a frame (an FD frame on a Classic-only interface, the interface
@@ -218,12 +221,13 @@ pub enum DropReason {
     UdpSendFailed,
 }
 
-const FIXED_REASONS: [DropReason; 5] = [
+const FIXED_REASONS: [DropReason; 6] = [
     DropReason::UnknownSource,
     DropReason::ErrorFrameFromPeer,
     DropReason::ToCanQueueFull,
     DropReason::CanWriteFailed,
     DropReason::UdpSendFailed,
+    DropReason::FdRemoteFromPeer,
 ];
 const REASON_SLOTS: usize = FIXED_REASONS.len() + RejectReason::ALL.len();
 
@@ -242,6 +246,7 @@ impl DropReason {
             DropReason::ToCanQueueFull => 2,
             DropReason::CanWriteFailed => 3,
             DropReason::UdpSendFailed => 4,
+            DropReason::FdRemoteFromPeer => 5,
             DropReason::Rejected(reason) => FIXED_REASONS.len() + reason.index(),
         }
     }
@@ -252,6 +257,7 @@ impl DropReason {
             DropReason::UnknownSource => "unknown_source",
             DropReason::Rejected(reason) => reason.as_str(),
             DropReason::ErrorFrameFromPeer => "error_frame_from_peer",
+            DropReason::FdRemoteFromPeer => "fd_remote_from_peer",
             DropReason::ToCanQueueFull => "to_can_queue_full",
             DropReason::CanWriteFailed => "can_write_failed",
             DropReason::UdpSendFailed => "udp_send_failed",
@@ -423,11 +429,24 @@ impl Shared {
             return;
         };
         scratch.clear();
-        if let Err(error) = codec::decode(datagram, scratch) {
-            self.drop_count(DropReason::Rejected(error.reason()), 1);
-            bump(&peer.stats.datagrams_rejected, 1);
-            tracing::debug!(%source, %error, "malformed datagram dropped");
-            return;
+        let header = match codec::decode(datagram, scratch) {
+            Ok(header) => header,
+            Err(error) => {
+                self.drop_count(DropReason::Rejected(error.reason()), 1);
+                bump(&peer.stats.datagrams_rejected, 1);
+                tracing::debug!(%source, %error, "malformed datagram dropped");
+                return;
+            }
+        };
+        if header.fd_remote_dropped > 0 {
+            self.drop_count(
+                DropReason::FdRemoteFromPeer,
+                u64::from(header.fd_remote_dropped),
+            );
+            tracing::debug!(%source, frames = header.fd_remote_dropped, "FD remote frames dropped");
+        }
+        if header.fd_len_rounded > 0 {
+            tracing::trace!(%source, frames = header.fd_len_rounded, "FD lengths rounded up");
         }
         bump(&peer.stats.datagrams_in, 1);
         bump(&peer.stats.frames_in, scratch.len() as u64);
@@ -1067,6 +1086,26 @@ mod tests {
         );
         assert_eq!(counters.rejected(), 3);
         assert_eq!(counters.peers[&peer].datagrams_rejected, 3);
+    }
+
+    #[test]
+    fn an_fd_remote_frame_costs_only_itself_and_is_counted() {
+        let shared = Shared::new();
+        let peer = addr("192.0.2.2:20000");
+        shared.set_peers([peer]);
+        let mut queue = VecDeque::new();
+        // Classic 0x123, FD 0x100 with RTR, Classic 0x124.
+        let bytes = [
+            2u8, 0, 0, 0, 3, 0, 0, 1, 0x23, 1, 0xaa, 0x40, 0, 1, 0, 0x80, 0, 0, 0, 1, 0x24, 0,
+        ];
+        shared.admit(peer, &bytes, &mut Vec::new(), &mut queue, 10);
+        let ids: Vec<u32> = queue.iter().map(Frame::id).collect();
+        assert_eq!(ids, [0x123, 0x124]);
+        let counters = shared.snapshot();
+        assert_eq!(counters.dropped(DropReason::FdRemoteFromPeer), 1);
+        assert_eq!(counters.rejected(), 0);
+        assert_eq!(counters.peers[&peer].frames_in, 2);
+        assert_eq!(counters.peers[&peer].datagrams_in, 1);
     }
 
     #[test]

@@ -387,6 +387,62 @@ fn an_independent_cannelloni_peer_exchanges_frames_both_ways() {
 
 #[test]
 #[ignore = "kernel test: needs CAN modules and CAP_NET_ADMIN; run by `cargo xtask test`"]
+fn an_fd_frame_of_odd_length_from_an_independent_peer_costs_none_of_its_neighbours() {
+    // A virtual bus accepts FD frames of lengths no DLC encodes (9, 11, 33, ...) and cannelloni
+    // forwards them as they are, batched with valid frames.
+    let lan = lan("tunodd", 2);
+    let [a, b] = [&lan.nodes[0], &lan.nodes[1]];
+    let runtime = runtime();
+    let endpoint_a = a.start(&runtime, &[b]);
+    let dump_a = a.capture();
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cannelloni_peer.py");
+    let send = r#"[{"id": 291, "data": "c0ffee"},
+                   {"id": 564, "fd": true, "flags": 1, "data": "111111111111111111"},
+                   {"id": 837, "fd": true, "flags": 0, "data": "2222222222222222222222222222222222"},
+                   {"id": 292, "data": "01"}]"#;
+    let output =
+        b.ns.command_args(
+            "/usr/bin/python3",
+            &[
+                script,
+                "--bind",
+                &b.addr().to_string(),
+                "--to",
+                &a.addr().to_string(),
+                "--send",
+                send,
+                "--expect",
+                "0",
+                "--timeout",
+                "1",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    // Every frame arrives once and in order; the odd lengths 9 and 17 are rounded up to 12
+    // and 20 with zero padding, as the kernel itself pads them.
+    let seen_a = settle(dump_a, 4);
+    assert_eq!(
+        keys(&seen_a),
+        keys(&parsed(&[
+            "123#C0FFEE",
+            "234##1111111111111111111000000",
+            "345##02222222222222222222222222222222222000000",
+            "124#01",
+        ]))
+    );
+    let counters = endpoint_a.counters();
+    assert_eq!(counters.rejected(), 0);
+    assert_eq!(counters.peers[&b.addr()].frames_in, 4);
+    assert_eq!(counters.frames_to_can, 4);
+    runtime.block_on(endpoint_a.shutdown()).unwrap();
+}
+
+#[test]
+#[ignore = "kernel test: needs CAN modules and CAP_NET_ADMIN; run by `cargo xtask test`"]
 fn malformed_and_foreign_datagrams_are_dropped_counted_and_forwarding_goes_on() {
     let lan = lan("tunbad", 3);
     let [a, b, stranger] = [&lan.nodes[0], &lan.nodes[1], &lan.nodes[2]];
