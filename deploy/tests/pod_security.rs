@@ -171,6 +171,16 @@ fn pod_templates(docs: &[Document]) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The pod template of the one workload of `kind` in the default rendering.
+fn default_pod(kind: &str) -> Value {
+    let label = format!("{kind:?}");
+    pod_templates(&common::default_render())
+        .into_iter()
+        .find(|(l, _)| l.starts_with(&label))
+        .unwrap()
+        .1
+}
+
 fn renderings() -> Vec<(&'static str, Vec<Document>)> {
     vec![
         ("default values", common::default_render()),
@@ -208,12 +218,7 @@ fn every_pod_but_the_node_daemon_meets_the_restricted_level() {
 
 #[test]
 fn the_node_daemon_needs_the_privileged_level() {
-    let pods = pod_templates(&common::default_render());
-    let (_, daemon) = pods
-        .iter()
-        .find(|(l, _)| l.starts_with("\"DaemonSet\""))
-        .unwrap();
-    let violations = baseline_violations(daemon);
+    let violations = baseline_violations(&default_pod("DaemonSet"));
     for expected in [
         "privileged: container plugin",
         "hostNamespaces: hostNetwork",
@@ -229,12 +234,7 @@ fn the_node_daemon_needs_the_privileged_level() {
 
 #[test]
 fn the_checks_see_a_missing_seccomp_profile_and_a_root_container() {
-    let pods = pod_templates(&common::default_render());
-    let (_, controller) = pods
-        .iter()
-        .find(|(l, _)| l.starts_with("\"Deployment\""))
-        .unwrap();
-    let mut pod = controller.clone();
+    let mut pod = default_pod("Deployment");
     pod["securityContext"]
         .as_object_mut()
         .unwrap()
