@@ -38,7 +38,9 @@ async fn cluster(minor: u32, policy: RbacPolicy, node_selector: Option<Value>) -
         "c1",
         "uid-c1",
         Some((
-            json!([{"request": "a", "driver": DRIVER, "pool": "canbus/powertrain", "device": "m0"}]),
+            json!([
+                {"request": "a", "driver": DRIVER, "pool": "canbus/powertrain", "device": "m0"},
+            ]),
             json!([config("FromClaim", &[], json!({"interfaceName": "ecu0"}))]),
         )),
     );

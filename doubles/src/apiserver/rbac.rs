@@ -11,21 +11,23 @@
 //!   gets 401 `Unauthorized`; a request without a token is `system:anonymous` in group
 //!   `system:unauthenticated`. A ServiceAccount is `system:serviceaccount:<ns>:<name>` in groups
 //!   `system:serviceaccounts`, `system:serviceaccounts:<ns>` and `system:authenticated`; a token
-//!   bound to a pod also carries the pod's node in the extra `authentication.kubernetes.io/node-name`.
+//!   bound to a pod also carries the pod's node in the extra
+//!   `authentication.kubernetes.io/node-name`.
 //! - **Request attributes** (`staging/src/k8s.io/apiserver/pkg/endpoints/request/requestinfo.go`
-//!   `NewRequestInfo`): GET of an object is `get`, of a collection `list`, or `watch` with
-//!   `watch=true`; POST `create`, PUT `update`, PATCH `patch`, DELETE of an object `delete`, of a
-//!   collection `deletecollection`. A list or watch whose field selector requires
+//!   `NewRequestInfo`): GET (or HEAD) of an object is `get`, of a collection `list`, or `watch`
+//!   with `watch=true`; POST `create`, PUT `update`, PATCH `patch`, DELETE of an object
+//!   `delete`, of a collection `deletecollection`. A list or watch whose field selector requires
 //!   `metadata.name=<n>` is authorized for the name `<n>`.
 //! - **Authorization** (`plugin/pkg/auth/authorizer/rbac/rbac.go` `RBACAuthorizer.Authorize` and
 //!   `RuleAllows`; `pkg/registry/rbac/validation/rule.go` `VisitRulesFor` and `appliesToUser`;
 //!   `pkg/apis/rbac/v1/evaluation_helpers.go` `VerbMatches`, `APIGroupMatches`, `ResourceMatches`,
-//!   `ResourceNameMatches`): the rules of every ClusterRoleBinding's ClusterRole, and in a namespace
-//!   those of its RoleBindings' Roles or ClusterRoles, whose subjects name the user, one of its
-//!   groups or its ServiceAccount. A request is allowed iff one rule matches its verb (or `*`), API
-//!   group (or `*`), resource or `resource/subresource` (or `*`, or `*/subresource`) and, if the
-//!   rule lists `resourceNames`, its object name. Group `system:masters` is allowed everything (the
-//!   privileged-group authorizer in front of RBAC, `pkg/kubeapiserver/authorizer/config.go`).
+//!   `ResourceNameMatches`): the rules of every ClusterRoleBinding's ClusterRole, and in a
+//!   namespace those of its RoleBindings' Roles or ClusterRoles, whose subjects name the user, one
+//!   of its groups or its ServiceAccount. A request is allowed iff one rule matches its verb (or
+//!   `*`), API group (or `*`), resource or `resource/subresource` (or `*`, or `*/subresource`)
+//!   and, if the rule lists `resourceNames`, its object name. Group `system:masters` is allowed
+//!   everything (the privileged-group authorizer in front of RBAC,
+//!   `pkg/kubeapiserver/authorizer/config.go`).
 //!   A denied request gets 403 `Forbidden` with the message of
 //!   `staging/src/k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/errors.go`
 //!   `ForbiddenStatusError`, e.g. `nodes "n" is forbidden: User "system:serviceaccount:a:b" cannot
@@ -394,7 +396,7 @@ fn request_verb(method: &str, named: bool, query: &[(String, String)]) -> String
         ("PATCH", _) => "patch",
         ("DELETE", true) => "delete",
         ("DELETE", false) => "deletecollection",
-        (other, _) => return other.to_lowercase(),
+        _ => "",
     }
     .to_owned()
 }

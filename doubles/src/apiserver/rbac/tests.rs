@@ -255,9 +255,10 @@ async fn from_1_36_status_devices_need_the_driver_subresource_by_node_associatio
         message,
         "ResourceClaim.resource.k8s.io \"c\" is invalid: status.devices: Forbidden: changing \
          status.devices requires resource=\"resourceclaims/driver\", \
-         verb=\"[arbitrary-node:patch]\" permission: resourceclaims.resource.k8s.io \"can.dra.dev\" \
-         is forbidden: User \"system:serviceaccount:drivers:node-agent\" cannot \
-         arbitrary-node:patch resource \"resourceclaims/driver\" in API group \"resource.k8s.io\" \
+         verb=\"[arbitrary-node:patch]\" permission: \
+         resourceclaims.resource.k8s.io \"can.dra.dev\" is forbidden: \
+         User \"system:serviceaccount:drivers:node-agent\" cannot arbitrary-node:patch \
+         resource \"resourceclaims/driver\" in API group \"resource.k8s.io\" \
          in the namespace \"ns\""
     );
     assert!(
