@@ -1,6 +1,7 @@
 //! The `can-dra-controller` binary against the API server double: the slices of a bus follow its
 //! spec, its status follows the claims, pods and nodes, deleted nodes are cleaned up after, and
-//! of two replicas only the Lease holder writes until it dies and the other takes over.
+//! of two replicas only the Lease holder writes until it dies and the other takes over. The
+//! replicas run as the chart's ServiceAccount under the chart's own RBAC.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use can_dra_controller::canbus::{CanBus, CanBusSpec, CanBusStatus};
 use can_dra_controller::slices::pool_name;
-use can_dra_doubles::apiserver::ApiServer;
+use can_dra_doubles::apiserver::{ApiServer, RbacPolicy, User};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodResourceClaim, PodSpec};
 use k8s_openapi::api::resource::v1::{
     AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult, ResourceClaim,
@@ -21,7 +22,8 @@ use kube::Api;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 
 const DRIVER: &str = "can.dra.dev";
-const LEASE_NAMESPACE: &str = "kube-system";
+/// The release namespace: the chart lets the controller hold Leases only there.
+const LEASE_NAMESPACE: &str = "can-dra";
 const LEASE_NAME: &str = "can.dra.dev-controller";
 /// The Lease duration the replicas run with: short, so a takeover fits in a test.
 const LEASE: Duration = Duration::from_secs(2);
@@ -94,10 +96,15 @@ fn calls_of(server: &ApiServer, identity: &str) -> BTreeSet<(String, String, Str
         .collect()
 }
 
+/// The chart rendered with its defaults (release `can-dra` in namespace `can-dra`).
+fn manifests() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/can-dra.yaml");
+    std::fs::read_to_string(path).unwrap()
+}
+
 /// What the rendered manifests grant the controller's roles (the release is named `can-dra`).
 fn granted_to_controller() -> BTreeSet<(String, String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/can-dra.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
+    let text = manifests();
     let strings = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
             .into_iter()
@@ -302,8 +309,18 @@ fn leader(server: &ApiServer) -> Option<String> {
         .holder_identity
 }
 
+/// A double that authorizes with the chart's RBAC: the replicas' tokens are the controller's
+/// ServiceAccount, the test's own token (`test`) is a cluster administrator.
 async fn start() -> (ApiServer, Api<CanBus>, tempfile::TempDir) {
     let server = ApiServer::start().await.unwrap();
+    server.enable_rbac(RbacPolicy::from_yaml(&manifests()).unwrap());
+    server.add_token("test", User::admin());
+    for replica in ["replica-a", "replica-b"] {
+        server.add_token(
+            replica,
+            User::service_account("can-dra", "can-dra-controller"),
+        );
+    }
     let buses: Api<CanBus> = Api::all(server.client_as("test").await.unwrap());
     (server, buses, tempfile::tempdir().unwrap())
 }

@@ -120,32 +120,24 @@ pub fn render_chart(
 }
 
 /// The plain manifests: the chart rendered with its default values for [`Release::default`],
-/// preceded by the release's Namespace (which `helm install --create-namespace` would create),
-/// and ordered so that `kubectl apply -f` creates what others depend on first.
+/// with the chart's labelled Namespace (`namespace.create`), and ordered so that
+/// `kubectl apply -f` creates what others depend on first.
 pub fn plain_manifests(dir: &Path) -> Result<String, RenderError> {
     let release = Release::default();
-    let mut documents = render_chart(dir, &release, None)?;
-    documents.insert(
-        0,
-        Document {
-            source: "namespace".to_owned(),
-            text: format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n",
-                release.namespace
-            ),
-        },
-    );
+    let mut create_namespace = serde_yaml::Mapping::new();
+    create_namespace.insert("create".into(), true.into());
+    let mut overrides = serde_yaml::Mapping::new();
+    overrides.insert("namespace".into(), create_namespace.into());
+    let mut documents = render_chart(dir, &release, Some(&overrides.into()))?;
     // A stable sort keeps template order within one kind.
     documents.sort_by_key(|d| install_rank(d.kind().as_deref()));
     let mut out = String::from(
-        "# can-dra, rendered from deploy/helm/can-dra with its default values.\n\
+        "# can-dra, rendered from deploy/helm/can-dra with its default values and namespace.create=true.\n\
          # Regenerate with: CAN_DRA_BLESS=1 cargo test -p can-dra-deploy --test chart\n",
     );
     for doc in &documents {
         out.push_str("---\n");
-        if doc.source != "namespace" {
-            out.push_str(&format!("# Source: {}\n", doc.source));
-        }
+        out.push_str(&format!("# Source: {}\n", doc.source));
         out.push_str(doc.text.trim_end());
         out.push('\n');
     }

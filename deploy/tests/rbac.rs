@@ -25,20 +25,14 @@ const KUBELET_PLUGIN: &[Call] = &[
     // Keep a cache of the claims allocated on this node.
     ("resource.k8s.io", "resourceclaims", "list", None),
     ("resource.k8s.io", "resourceclaims", "watch", None),
-    // Claim status.devices: conditions and networkData.interfaceName.
-    ("resource.k8s.io", "resourceclaims/status", "update", None),
+    // Claim status.devices: conditions and networkData.interfaceName, by server-side apply.
     ("resource.k8s.io", "resourceclaims/status", "patch", None),
-    // Granular status authorization for a node-local driver, on its own driver name.
+    // Granular status authorization (1.36+) on its own driver name: arbitrary-node, because the
+    // allocation of a CanBus member is not bound to the daemon's node.
     (
         "resource.k8s.io",
         "resourceclaims/driver",
-        "associated-node:update",
-        Some("can.dra.dev"),
-    ),
-    (
-        "resource.k8s.io",
-        "resourceclaims/driver",
-        "associated-node:patch",
+        "arbitrary-node:patch",
         Some("can.dra.dev"),
     ),
     // The Node owns the node's ResourceSlices (its UID goes in ownerReferences).

@@ -31,9 +31,11 @@
 //!   object (fields a manager stops applying are not removed). No `managedFields` are kept.
 //! - No label selectors, no pagination, no admission, no finalizers or garbage collection. Field
 //!   selectors support `=`, `==` and `!=` on the fields kube-apiserver offers for the resource.
-//! - No authentication or RBAC: the bearer token a client sends is only recorded
-//!   ([`RecordedRequest::token`]), so that tests can tell clients apart
-//!   ([`ApiServer::kubeconfig_yaml_as`]).
+//! - Authentication and RBAC are opt-in ([`ApiServer::enable_rbac`], see [`rbac`]): without them
+//!   the bearer token a client sends is only recorded ([`RecordedRequest::token`]), so that tests
+//!   can tell clients apart ([`ApiServer::kubeconfig_yaml_as`]). With them, tokens map to users,
+//!   requests are authorized by the roles given (such as the chart's), and from 1.36 on
+//!   ([`ApiServer::set_minor_version`]) claim `status.devices` writes need `resourceclaims/driver`.
 //! - Pods and Nodes are written by tests ([`ApiServer::insert_pod`], [`ApiServer::insert_node`]),
 //!   as the kubelet and the scheduler would; clients only read them (and may delete Nodes).
 //! - [`ApiServer::inject_failure`] makes chosen requests fail (409, 500, ...) to test races and
@@ -60,6 +62,7 @@
 mod documents;
 mod events;
 mod failure;
+pub mod rbac;
 mod routes;
 mod store;
 pub mod validate;
@@ -76,6 +79,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use tokio::task::JoinHandle;
 
+pub use rbac::{RbacError, RbacPolicy, User};
 use routes::{Shared, lock};
 use store::Store;
 
@@ -283,8 +287,8 @@ pub struct RecordedRequest {
     pub status: u16,
     /// The endpoint the request matched; `None` for unknown paths.
     pub endpoint: Option<Endpoint>,
-    /// The bearer token the client sent, if any: the double authenticates no one, but a test
-    /// gives each client its own token ([`ApiServer::kubeconfig_yaml_as`]) to tell who wrote.
+    /// The bearer token the client sent, if any: a test gives each client its own token
+    /// ([`ApiServer::kubeconfig_yaml_as`]) to tell who wrote; with RBAC on it also names the user.
     pub token: Option<String>,
     /// The client's `User-Agent`, if any.
     pub user_agent: Option<String>,

@@ -8,7 +8,7 @@ mod api_support;
 
 use std::collections::HashMap;
 
-use api_support::{DRIVER, NODE, claim, config, server_with_node};
+use api_support::{DRIVER, NODE, claim, config, create_bus, server_with_node};
 use can_dra_doubles::apiserver::ApiServer;
 use can_dra_kubelet_plugin::canbuses::CanBusReader;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
@@ -18,8 +18,6 @@ use can_dra_kubelet_plugin::driver::{ClaimRef, ClaimUid, Driver, PreparedDevice}
 use can_dra_kubelet_plugin::inventory::Inventory;
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
 use can_dra_kubelet_plugin::status::StatusWriter;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::ApiResource;
 use serde_json::json;
 
 struct Rig {
@@ -53,39 +51,6 @@ async fn rig(shared: bool) -> Rig {
         driver,
         _root: root,
     }
-}
-
-fn canbuses(client: &kube::Client) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        "can.dra.dev",
-        "v1alpha1",
-        "CanBus",
-    ));
-    let resource = ApiResource {
-        plural: "canbuses".into(),
-        ..resource
-    };
-    Api::all_with(client.clone(), &resource)
-}
-
-/// Creates CanBus `name` (FD, two member slots) with the status the controller would write.
-async fn create_bus(client: &kube::Client, name: &str) {
-    let api = canbuses(client);
-    let object: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "can.dra.dev/v1alpha1",
-        "kind": "CanBus",
-        "metadata": {"name": name},
-        "spec": {"bitrate": "500k", "fd": true, "maxMembers": 2},
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &object).await.unwrap();
-    let status = json!({"status": {
-        "tunnelPort": 47000,
-        "endpoints": {NODE: "192.0.2.1:47000"},
-    }});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap();
 }
 
 /// A claim `name` allocated `pool/device`.

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::documents::{self, DocumentKind, Part, Precondition, merge_patch};
 use super::events::{self, Opened};
 use super::failure::Failure;
+use super::rbac;
 use super::store::{self, Store};
 use super::{ENDPOINTS, Endpoint, RecordedRequest};
 
@@ -33,12 +34,12 @@ const MERGE_PATCH: &str = "application/merge-patch+json";
 
 /// Where a request points, parsed from its path.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Target {
-    group: String,
-    resource: String,
-    subresource: Option<String>,
-    namespace: Option<String>,
-    name: Option<String>,
+pub(crate) struct Target {
+    pub(crate) group: String,
+    pub(crate) resource: String,
+    pub(crate) subresource: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -133,9 +134,15 @@ pub(crate) async fn handle(
     let mut store = lock(&shared);
     let matched = endpoint.as_ref().ok().copied().copied();
     let injected = store.take_injected(method.as_str(), uri.path());
-    let outcome = match (injected, &target, endpoint) {
-        (Some(code), _, _) => Err(Failure::injected(code)),
-        (None, Some(target), Ok(endpoint)) => serve(
+    // Authentication and authorization come first, as in kube-apiserver's filter chain.
+    let user = match (&injected, &target) {
+        (None, Some(t)) => rbac::authorize(&store, method.as_str(), t, &query, token.as_deref()),
+        _ => Ok(None),
+    };
+    let outcome = match (injected, &target, endpoint, user) {
+        (Some(code), _, _, _) => Err(Failure::injected(code)),
+        (None, _, _, Err(denied)) => Err(denied),
+        (None, Some(target), Ok(endpoint), Ok(user)) => serve(
             &mut store,
             endpoint,
             target,
@@ -143,10 +150,11 @@ pub(crate) async fn handle(
                 query: &query,
                 content_type: content_type.as_deref(),
                 body: &body,
+                user: user.as_ref(),
             },
         ),
-        (None, _, Err(failure)) => Err(failure),
-        (None, None, Ok(_)) => Err(Failure::unknown_path()),
+        (None, _, Err(failure), _) => Err(failure),
+        (None, None, Ok(_), _) => Err(Failure::unknown_path()),
     };
     let (status, response_body) = match outcome {
         Ok(Answer::Object(status, value)) => (status, Body::from(value.to_string())),
@@ -191,6 +199,8 @@ struct Request<'a> {
     query: &'a [(String, String)],
     content_type: Option<&'a str>,
     body: &'a [u8],
+    /// Who sent it, when RBAC is on.
+    user: Option<&'a rbac::User>,
 }
 
 impl Request<'_> {
@@ -399,6 +409,15 @@ fn serve(
         ("resourceclaims", Some("status"), "patch") => {
             let (value, manager, force) = request.apply()?;
             let devices = claim_status_devices(value, name)?;
+            rbac::authorize_device_status(
+                store,
+                request.user,
+                namespace,
+                name,
+                &devices,
+                &manager,
+                force,
+            )?;
             ok(to_json(&store.apply_claim_devices(
                 namespace, name, devices, &manager, force,
             )?))

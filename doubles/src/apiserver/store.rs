@@ -131,6 +131,8 @@ pub(crate) struct Store {
     pub(crate) events: EventLog,
     pub(crate) log: Vec<RecordedRequest>,
     pub(crate) injected: Vec<InjectedFailure>,
+    /// Tokens, RBAC policy and version (see `rbac`).
+    pub(crate) rbac: super::rbac::Authz,
 }
 
 /// A failure the next matching requests get instead of being served.

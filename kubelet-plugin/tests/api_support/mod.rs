@@ -3,9 +3,11 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use can_dra_doubles::apiserver::ApiServer;
+use can_dra_doubles::apiserver::{ApiServer, RbacPolicy};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
 use serde_json::{Value, json};
 
 pub const DRIVER: &str = "can.dra.dev";
@@ -66,4 +68,48 @@ pub fn claim(name: &str, uid: &str, allocation: Option<(Value, Value)>) -> Resou
         });
     }
     serde_json::from_value(claim).unwrap()
+}
+
+/// The CanBus API, untyped.
+pub fn canbuses(client: &kube::Client) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        "can.dra.dev",
+        "v1alpha1",
+        "CanBus",
+    ));
+    let resource = ApiResource {
+        plural: "canbuses".into(),
+        ..resource
+    };
+    Api::all_with(client.clone(), &resource)
+}
+
+/// Creates CanBus `name` (FD, two member slots) with the status the controller would write.
+pub async fn create_bus(client: &kube::Client, name: &str) {
+    let api = canbuses(client);
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "can.dra.dev/v1alpha1",
+        "kind": "CanBus",
+        "metadata": {"name": name},
+        "spec": {"bitrate": "500k", "fd": true, "maxMembers": 2},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &object).await.unwrap();
+    let status = json!({"status": {
+        "tunnelPort": 47000,
+        "endpoints": {NODE: "192.0.2.1:47000"},
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// The chart's roles and bindings, as rendered into `deploy/manifests/can-dra.yaml` (release
+/// `can-dra` in namespace `can-dra`, driver `can.dra.dev`).
+pub fn chart_rbac() -> RbacPolicy {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/manifests/can-dra.yaml"
+    );
+    RbacPolicy::from_yaml(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
