@@ -8,8 +8,8 @@
 //! - `localhost`, which grpc-go sends for the DRA service's `unix:` target;
 //! - an empty authority, as other clients send.
 //!
-//! Each authority is used on both sockets, over DRA v1 and v1beta1: every socket must answer
-//! whatever authority a client sends. A tonic client cannot send the first two (the `http` crate
+//! Each authority is used on both sockets, over DRA v1 and v1beta1 and on the health stream:
+//! every socket must answer whatever authority a client sends. A tonic client cannot send the first two (the `http` crate
 //! refuses them), which is why this test exists next to the kubelet double.
 //!
 //! Needs `/usr/bin/python3` with grpcio (Debian `python3-grpcio`) and `protoc` (Debian
@@ -71,6 +71,7 @@ fn generate_stubs(out: &Path) {
         .args([
             "dra/v1/api.proto",
             "dra/v1beta1/api.proto",
+            "dra-health/v1/api.proto",
             "pluginregistration/v1/api.proto",
         ])
         .status()
@@ -265,6 +266,16 @@ async fn a_grpcio_kubelet_registers_prepares_and_unprepares_with_every_authority
                     &seen["unprepare"],
                 );
             }
+        }
+        // The health stream names the node's devices, the prepared ones among them.
+        let reported = seen["health"]["ok"].as_array().cloned().unwrap_or_default();
+        let named = |device: &str| {
+            reported
+                .iter()
+                .any(|d| d["pool_name"] == NODE && d["device_name"] == device)
+        };
+        if !round.claims.iter().all(|(_, _, device)| named(device)) {
+            fail("NodeWatchResources", &seen["health"]);
         }
     }
     assert!(
