@@ -33,10 +33,9 @@
 //! rewrite is logged once per connection at debug level.
 //!
 //! The decoder's dynamic table is limited to 4,096 bytes, the HTTP/2 default of
-//! SETTINGS_HEADER_TABLE_SIZE: the servers do not announce another value, so the client may not
-//! use a larger table. If the servers ever configure `http2_header_table_size` or
-//! `max_frame_size`, nothing here needs to follow (the shim never indexes, and 16,384 is always
-//! allowed), but a larger header table size must be mirrored in [`Rewriter::new`].
+//! SETTINGS_HEADER_TABLE_SIZE: the servers announce no other value, so a client may not use a
+//! larger table. Should the servers ever announce a larger one, `HEADER_TABLE_SIZE` here must
+//! follow. A larger SETTINGS_MAX_FRAME_SIZE needs nothing: 16,384 bytes are always allowed.
 //!
 //! # When it can go
 //! When h2 accepts such authorities (PR #487 or an equivalent), or the kubelet sends `localhost`
