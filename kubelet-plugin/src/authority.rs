@@ -689,6 +689,58 @@ mod tests {
         }
     }
 
+    /// Log output collected in memory.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_rewrite_is_logged_once_per_connection_at_debug_level() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let block = request_block(BAD[0].as_bytes());
+        let requests = connection(&[
+            frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block),
+            frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &block),
+        ]);
+        tracing::subscriber::with_default(subscriber, || {
+            rewrite(&requests).unwrap();
+            rewrite(&requests).unwrap();
+            // A good authority is not logged.
+            let good = request_block(b"localhost");
+            rewrite(&connection(&[frame(
+                TYPE_HEADERS,
+                FLAG_END_HEADERS,
+                1,
+                &good,
+            )]))
+            .unwrap();
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("rewriting")).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains("DEBUG") && l.contains(BAD[0])),
+            "{text}"
+        );
+    }
+
     #[test]
     fn dynamic_table_references_across_requests_are_resolved() {
         // Stream 1 indexes the authority and content-type (entries 63 and 62 afterwards);
