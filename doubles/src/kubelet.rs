@@ -10,7 +10,20 @@
 //! - then calls `NodePrepareResources` / `NodeUnprepareResources` over the chosen version
 //!   (45 s per call) and, like the kubelet, refuses answers that leave out a requested claim;
 //! - watches device health over the health service the plugin advertises (v1 preferred over
-//!   v1alpha1, as 1.37 kubelets choose).
+//!   v1alpha1, as 1.37 kubelets choose), and keeps what it receives as the kubelet does
+//!   ([`HealthCache`], fed by [`HealthWatch::next_into`]: each report refreshes the devices it
+//!   names, a device not reported within its timeout (30 s by default) reads Unknown, and the
+//!   end of the stream clears the driver's entries).
+//!
+//! It dials as the kubelet does: the registration socket by its bare path through a connector
+//! (the plugin watcher's `grpc.DialContext` with a unix dialer), the DRA service socket as the
+//! target `unix:<endpoint>` (the DRA manager's `grpc.NewClient`), which sends `localhost` as the
+//! HTTP/2 `:authority`, like grpc-go. For the registration dial grpc-go sends the socket path,
+//! percent-encoded (`%2Fvar%2Flib%2Fkubelet%2F...`), as the authority. A tonic/h2 client cannot
+//! express that: the `http` crate refuses such an authority, so this double sends `localhost`
+//! there too. That is why the plugin's tests also run a client of another gRPC stack
+//! (`kubelet-plugin/tests/grpcio_kubelet.rs`, Python grpcio) that sends the kubelet's exact
+//! authorities.
 //!
 //! Answers of either DRA version are returned as v1 messages (v1beta1 has no `share_id`, so it
 //! is `None`), as the kubelet converts them internally too.
@@ -32,12 +45,12 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use can_dra_proto::dra::{v1, v1beta1};
 use can_dra_proto::health;
@@ -194,7 +207,7 @@ impl KubeletDouble {
 
     /// Calls `GetInfo` on a registration socket.
     pub async fn get_info(&self, socket: &Path) -> Result<PluginInfo, KubeletError> {
-        let mut client = RegistrationClient::new(connect(socket).await?);
+        let mut client = RegistrationClient::new(dial_registration(socket).await?);
         let info =
             with_timeout("GetInfo", GET_INFO_TIMEOUT, client.get_info(InfoRequest {})).await?;
         Ok(info.into_inner())
@@ -207,7 +220,7 @@ impl KubeletDouble {
         plugin_registered: bool,
         error: &str,
     ) -> Result<(), KubeletError> {
-        let mut client = RegistrationClient::new(connect(socket).await?);
+        let mut client = RegistrationClient::new(dial_registration(socket).await?);
         let status = RegistrationStatus {
             plugin_registered,
             error: error.to_owned(),
@@ -234,7 +247,7 @@ impl KubeletDouble {
                 return Err(KubeletError::Rejected(reason));
             }
         };
-        let channel = match connect(Path::new(&info.endpoint)).await {
+        let channel = match dial_dra(Path::new(&info.endpoint)).await {
             Ok(channel) => channel,
             Err(error) => {
                 let _ = self.notify(socket, false, &error.to_string()).await;
@@ -509,6 +522,134 @@ impl HealthWatch {
     }
 }
 
+impl HealthWatch {
+    /// Receives the next report into `cache`, as the kubelet's `HandleWatchResourcesStream`
+    /// (`pkg/kubelet/cm/dra/manager.go`) does: a report updates the cache; when the stream ends,
+    /// cleanly or with an error, the driver's entries are cleared (the kubelet opens a new stream
+    /// [`HEALTH_STREAM_RETRY`] later). Returns the devices whose entry changed, or `None` once
+    /// the stream ended cleanly.
+    pub async fn next_into(
+        &mut self,
+        cache: &mut HealthCache,
+    ) -> Result<Option<Vec<(String, String)>>, KubeletError> {
+        match self.next().await {
+            Ok(Some(report)) => Ok(Some(cache.update(&report, Instant::now()))),
+            Ok(None) => {
+                cache.clear();
+                Ok(None)
+            }
+            Err(error) => {
+                cache.clear();
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The kubelet's health timeout for a device that gives none (`pkg/kubelet/cm/dra/healthinfo.go`,
+/// `DefaultHealthTimeout`).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The kubelet's pause before it opens a new health stream after one ended
+/// (`pkg/kubelet/cm/dra/plugin/dra_plugin_manager.go`, `add()`: `wait.UntilWithContext`, 5 s).
+pub const HEALTH_STREAM_RETRY: Duration = Duration::from_secs(5);
+
+/// One device in the kubelet's health cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedHealth {
+    /// The reported health.
+    pub health: health::v1::HealthStatus,
+    /// The reported message.
+    pub message: String,
+    /// The device's timeout (the report's, or [`DEFAULT_HEALTH_TIMEOUT`] for zero or less).
+    pub timeout: Duration,
+    /// When the kubelet received the report (the plugin's own timestamp is not used).
+    pub last_updated: Instant,
+}
+
+/// The kubelet's device health cache for one driver (`pkg/kubelet/cm/dra/healthinfo.go`,
+/// `healthInfoCache`), fed by [`HealthWatch::next_into`].
+#[derive(Debug, Clone, Default)]
+pub struct HealthCache {
+    devices: BTreeMap<(String, String), CachedHealth>,
+}
+
+impl HealthCache {
+    /// `updateHealthInfo`: every reported device is stored as received at `now`; a device the
+    /// report leaves out turns Unknown (message cleared) once its timeout has passed since its
+    /// last report. Returns the devices (pool, device) whose health, message or timeout changed.
+    pub fn update(
+        &mut self,
+        report: &[health::v1::DeviceHealth],
+        now: Instant,
+    ) -> Vec<(String, String)> {
+        let mut changed = Vec::new();
+        let mut reported = HashSet::new();
+        for d in report {
+            let id = d.device.clone().unwrap_or_default();
+            let key = (id.pool_name, id.device_name);
+            let timeout = u64::try_from(d.health_check_timeout_seconds)
+                .ok()
+                .filter(|&s| s > 0)
+                .map_or(DEFAULT_HEALTH_TIMEOUT, Duration::from_secs);
+            // Values other than HEALTHY and UNHEALTHY mean Unknown to the kubelet.
+            let health = health::v1::HealthStatus::try_from(d.health)
+                .unwrap_or(health::v1::HealthStatus::Unknown);
+            let entry = CachedHealth {
+                health,
+                message: d.message.clone(),
+                timeout,
+                last_updated: now,
+            };
+            let same = self.devices.get(&key).is_some_and(|old| {
+                (old.health, &old.message, old.timeout) == (health, &entry.message, timeout)
+            });
+            if !same {
+                changed.push(key.clone());
+            }
+            reported.insert(key.clone());
+            self.devices.insert(key, entry);
+        }
+        for (key, entry) in &mut self.devices {
+            if !reported.contains(key)
+                && entry.health != health::v1::HealthStatus::Unknown
+                && now.saturating_duration_since(entry.last_updated) > entry.timeout
+            {
+                entry.health = health::v1::HealthStatus::Unknown;
+                entry.message.clear();
+                entry.last_updated = now;
+                changed.push(key.clone());
+            }
+        }
+        changed
+    }
+
+    /// `getHealthInfo`: the health and message of a device at `now`; Unknown (no message) for a
+    /// device never reported, or not reported within its timeout.
+    pub fn get(
+        &self,
+        pool: &str,
+        device: &str,
+        now: Instant,
+    ) -> (health::v1::HealthStatus, String) {
+        match self.devices.get(&(pool.to_owned(), device.to_owned())) {
+            Some(entry) if now.saturating_duration_since(entry.last_updated) <= entry.timeout => {
+                (entry.health, entry.message.clone())
+            }
+            _ => (health::v1::HealthStatus::Unknown, String::new()),
+        }
+    }
+
+    /// `clearDriver`: forgets every device, as the kubelet does when the stream ends.
+    pub fn clear(&mut self) {
+        self.devices.clear();
+    }
+
+    /// The cached entry of a device, stale or not.
+    pub fn entry(&self, pool: &str, device: &str) -> Option<&CachedHealth> {
+        self.devices.get(&(pool.to_owned(), device.to_owned()))
+    }
+}
+
 fn device_health_v1(d: health::v1alpha1::DeviceHealth) -> health::v1::DeviceHealth {
     health::v1::DeviceHealth {
         device: d.device.map(|id| health::v1::DeviceIdentifier {
@@ -584,11 +725,14 @@ async fn with_timeout<T>(
     }
 }
 
-/// A gRPC channel over the unix socket at `path`. The URI is a placeholder: every connection
-/// goes to the socket.
-async fn connect(path: &Path) -> Result<Channel, KubeletError> {
+/// The registration dial: the bare socket path through a connector, as the plugin watcher's
+/// `grpc.DialContext(ctx, unixSocketPath, ...)` with a unix context dialer
+/// (`pkg/kubelet/pluginmanager/operationexecutor/operation_generator.go`, `dial()`). grpc-go then
+/// sends the path, percent-encoded, as `:authority`; the `http` crate refuses that authority, so
+/// this channel sends `localhost` (the grpcio client in the plugin's tests sends the real one).
+async fn dial_registration(path: &Path) -> Result<Channel, KubeletError> {
     let socket = path.to_path_buf();
-    Endpoint::from_static("http://kubelet-double.invalid")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let socket = socket.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
@@ -598,6 +742,22 @@ async fn connect(path: &Path) -> Result<Channel, KubeletError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// The DRA dial: the target `unix:<endpoint>`, as the DRA plugin manager's
+/// `grpc.NewClient("unix:" + endpoint, ...)` (`pkg/kubelet/cm/dra/plugin/dra_plugin_manager.go`,
+/// `add()`), sending `localhost` as `:authority` like grpc-go does for `unix:` targets.
+async fn dial_dra(path: &Path) -> Result<Channel, KubeletError> {
+    let connect_error = |source| KubeletError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    Endpoint::from_shared(format!("unix:{}", path.display()))
+        .map_err(connect_error)?
+        .origin(http::Uri::from_static("http://localhost"))
+        .connect()
+        .await
+        .map_err(connect_error)
 }
 
 #[cfg(test)]
@@ -625,6 +785,57 @@ mod tests {
             Some(HealthVersion::V1alpha1)
         );
         assert_eq!(pick_health(&advertised(&[DRA_V1_SERVICE])), None);
+    }
+
+    fn report(
+        pool: &str,
+        device: &str,
+        status: health::v1::HealthStatus,
+        timeout: i64,
+    ) -> health::v1::DeviceHealth {
+        health::v1::DeviceHealth {
+            device: Some(health::v1::DeviceIdentifier {
+                pool_name: pool.into(),
+                device_name: device.into(),
+            }),
+            health: status.into(),
+            last_updated_time: 0,
+            health_check_timeout_seconds: timeout,
+            message: format!("{status:?}"),
+        }
+    }
+
+    #[test]
+    fn the_health_cache_follows_the_kubelets_rules() {
+        use health::v1::HealthStatus::{Healthy, Unhealthy, Unknown};
+        let t0 = Instant::now();
+        let mut cache = HealthCache::default();
+        let changed = cache.update(
+            &[report("p", "a", Healthy, 0), report("p", "b", Unhealthy, 5)],
+            t0,
+        );
+        assert_eq!(changed.len(), 2);
+        assert_eq!(cache.get("p", "a", t0), (Healthy, "Healthy".into()));
+        assert_eq!(
+            cache.entry("p", "a").unwrap().timeout,
+            DEFAULT_HEALTH_TIMEOUT
+        );
+        assert_eq!(cache.get("p", "x", t0).0, Unknown);
+        // The same report again changes nothing; a device left out stays until its timeout.
+        let t1 = t0 + Duration::from_secs(4);
+        assert!(cache.update(&[report("p", "a", Healthy, 0)], t1).is_empty());
+        assert_eq!(cache.get("p", "b", t1).0, Unhealthy);
+        // Past b's 5 s without a report: Unknown, through the next report and on reading.
+        let t2 = t0 + Duration::from_secs(6);
+        assert_eq!(cache.get("p", "b", t2), (Unknown, String::new()));
+        let changed = cache.update(&[report("p", "a", Healthy, 0)], t2);
+        assert_eq!(changed, [("p".to_owned(), "b".to_owned())]);
+        assert_eq!(cache.entry("p", "b").unwrap().health, Unknown);
+        // a was reported at t2, so it is fresh until t2 + 30 s.
+        assert_eq!(cache.get("p", "a", t2 + Duration::from_secs(30)).0, Healthy);
+        assert_eq!(cache.get("p", "a", t2 + Duration::from_secs(31)).0, Unknown);
+        cache.clear();
+        assert_eq!(cache.get("p", "a", t2).0, Unknown);
     }
 
     #[test]

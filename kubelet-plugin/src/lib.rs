@@ -2,6 +2,8 @@
 //!
 //! Responsibilities (growing with the project):
 //! - [`adapters`]: following the node's CAN adapters into the served slots and the slices.
+//! - [`authority`]: a transport shim that lets the gRPC servers accept any HTTP/2 `:authority`
+//!   (the kubelet's registration dial sends the socket path, which h2 refuses).
 //! - [`cli`]: the daemon's flags, each with an environment variable.
 //! - [`logging`]: `tracing` set-up shared by the binaries (text or JSON).
 //! - [`cdi`]: per-claim CDI specs (environment plus the `createRuntime` hook).
@@ -18,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adapters;
+pub mod authority;
 pub mod canbuses;
 pub mod cdi;
 pub mod checkpoint;

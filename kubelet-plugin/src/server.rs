@@ -6,6 +6,10 @@
 //! registered the plugin. Shutdown runs the other way round: the registration socket goes
 //! first (the kubelet deregisters the plugin), then the service stops.
 //!
+//! Both servers read their connections through [`AuthorityShim`], so that they answer whatever
+//! HTTP/2 `:authority` a client sends (the kubelet's registration dial sends the socket path);
+//! see [`crate::authority`].
+//!
 //! ```no_run
 //! # use std::sync::Arc;
 //! # use can_dra_kubelet_plugin::driver::Driver;
@@ -31,10 +35,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Server;
 
+use crate::authority::AuthorityShim;
 use crate::dra::{DraService, Serializer};
 use crate::driver::Driver;
 use crate::health::{HealthOptions, HealthService};
@@ -141,9 +147,10 @@ impl Side {
         stop: CancellationToken,
     ) -> Self {
         let signal = stop.clone().cancelled_owned();
-        let task = tokio::spawn(
-            router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal),
-        );
+        // Every connection goes through the shim so that any :authority is accepted.
+        let incoming =
+            UnixListenerStream::new(listener).map(|accepted| accepted.map(AuthorityShim::new));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
         tracing::info!(path = %socket.path().display(), "{which} socket listening");
         Self {
             which,

@@ -29,6 +29,9 @@ pub enum Requirement {
     Present,
     /// Statically linked (it runs inside an initramfs that has no libc).
     Static,
+    /// The Debian system interpreter `/usr/bin/python3` imports this module (Debian's
+    /// `python3-*` packages install for that interpreter, not for others on `PATH`).
+    PythonModule(&'static str),
 }
 
 const fn tool(command: &'static str, package: &'static str) -> Tool {
@@ -69,6 +72,17 @@ pub const CONTAINER_RUNTIME: &[Tool] = &[
     tool("podman", "podman"),
     tool("crun", "crun"),
     tool("conmon", "conmon"),
+];
+
+/// The kubelet-plugin's grpcio client test (`kubelet-plugin/tests/grpcio_kubelet.rs`): a gRPC stack
+/// other than the daemon's, and protoc to generate its message modules from `proto/protos`.
+pub const GRPCIO_CLIENT: &[Tool] = &[
+    tool("protoc", "protobuf-compiler"),
+    Tool {
+        command: "python3",
+        package: "python3-grpcio",
+        requirement: Requirement::PythonModule("grpc"),
+    },
 ];
 
 /// Decompressors for compressed kernel modules (only needed when the kernel package ships them).
@@ -124,6 +138,7 @@ fn missing_packages(tools: &[Tool]) -> Vec<&'static str> {
             Some(path) => match tool.requirement {
                 Requirement::Present => true,
                 Requirement::Static => is_static_executable(&path).unwrap_or(false),
+                Requirement::PythonModule(module) => python_imports(module),
             },
         };
         if !ok && !packages.contains(&tool.package) {
@@ -140,6 +155,13 @@ pub fn find(command: &str) -> Option<PathBuf> {
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
         .map(|dir| dir.join(command))
         .find(|candidate| is_executable(candidate))
+}
+
+fn python_imports(module: &str) -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|out| out.status.success())
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -238,5 +260,15 @@ mod tests {
             tool("xtask-no-such-tool-c", "pkg-c"),
         ];
         assert_eq!(missing_packages(&tools), ["pkg-a", "pkg-c"]);
+    }
+
+    #[test]
+    fn a_python_module_the_system_python_lacks_is_missing() {
+        let tools = [Tool {
+            command: "sh",
+            package: "pkg-py",
+            requirement: Requirement::PythonModule("xtask_no_such_module"),
+        }];
+        assert_eq!(missing_packages(&tools), ["pkg-py"]);
     }
 }

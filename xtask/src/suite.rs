@@ -275,6 +275,18 @@ fn lint(name: &str, root: &Path, args: &[&str]) -> Stage {
 
 /// `cargo test --workspace`: unit tests, doctests and the non-kernel integration tests.
 fn unit_tests(root: &Path, filter: Option<&str>) -> Stage {
+    let started = Instant::now();
+    if let Err(err) = prerequisites::ensure(prerequisites::GRPCIO_CLIENT) {
+        eprintln!("error: {err:#}");
+        return stage(
+            "unit tests",
+            Status::Failed,
+            None,
+            started,
+            false,
+            format!("{err:#}"),
+        );
+    }
     let mut cmd = cargo();
     // --no-fail-fast: every binary runs, so the counts cover the whole workspace.
     cmd.args(["test", "--workspace", "--no-fail-fast"])
@@ -283,7 +295,6 @@ fn unit_tests(root: &Path, filter: Option<&str>) -> Stage {
         cmd.args(["--", filter]);
     }
     eprintln!("==> {}", process::describe(&cmd));
-    let started = Instant::now();
     let (status, counts, note) = match process::run_tee(&mut cmd) {
         Ok((exit, output)) => {
             let counts = results::parse_output(&output);
