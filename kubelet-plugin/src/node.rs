@@ -6,8 +6,9 @@
 //! namespace does not exist yet. The member is created later, when the CDI hook reports the
 //! container's pid ([`NodeDriver::attach`]). Unprepare undoes both.
 //!
-//! After a restart the in-memory bus state is empty: [`NodeDriver::recover`] drops attachments
-//! whose pod namespace is gone and reconciles the kernel against the rest, before serving.
+//! After a restart the in-memory bus state is empty: [`NodeDriver::recover`] re-creates the CDI
+//! specs a node reboot wiped, drops attachments whose pod namespace is gone and reconciles the
+//! kernel against the rest, before serving.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -264,6 +265,9 @@ pub struct RecoveryReport {
     pub dropped: Vec<DroppedAttachment>,
     /// The kernel reconcile, when the data plane was opened for it.
     pub reconciled: Option<ReconcileReport>,
+    /// Claims whose CDI spec was missing or different and was written again (after a node
+    /// reboot: the CDI directory is a tmpfs, the checkpoint is not).
+    pub cdi_restored: Vec<ClaimUid>,
 }
 
 /// Whether the host kernel may hold CAN state of the driver, which decides whether
@@ -855,17 +859,19 @@ impl NodeDriver {
         self.recover_on(HostCan::probe(&self.inventory())).await
     }
 
-    /// Drops checkpointed attachments whose namespace is gone, then reconciles the kernel
-    /// against the remaining ones (repairing what is missing, removing orphans) so that the
-    /// buses are known again and a hook call for an attached pod finds it attached. The kernel
-    /// is opened only when an attachment remains or the host has CAN. The checkpoint is saved
-    /// either way.
+    /// Re-creates the CDI spec of every checkpointed claim that lacks it (see
+    /// [`RecoveryReport::cdi_restored`]), drops checkpointed attachments whose namespace is
+    /// gone, then reconciles the kernel against the remaining ones (repairing what is missing,
+    /// removing orphans) so that the buses are known again and a hook call for an attached pod
+    /// finds it attached. The kernel is opened only when an attachment remains or the host has
+    /// CAN. The checkpoint is saved either way.
     pub async fn recover_on(&self, host: HostCan) -> Result<RecoveryReport, NodeError> {
         let mut state = self.state.lock().await;
         self.remove_stale_temporaries();
         let mut report = RecoveryReport {
             dropped: state.drop_stale_attachments(),
             reconciled: None,
+            cdi_restored: self.restore_cdi_specs(&state),
         };
         for dropped in &report.dropped {
             tracing::info!(
@@ -937,6 +943,60 @@ impl NodeDriver {
             return Err(error.into());
         }
         Ok(report)
+    }
+
+    /// Writes the CDI spec of every checkpointed claim that lacks it (or whose spec differs
+    /// from what prepare wrote): the kubelet may never call prepare again for a claim it
+    /// believes prepared, so without this a pod's containers could not start after a node
+    /// reboot emptied the CDI directory. A failure is logged; the claim stays checkpointed.
+    /// Returns the claims whose spec was written.
+    fn restore_cdi_specs(&self, state: &NodeState) -> Vec<ClaimUid> {
+        let mut restored = Vec::new();
+        for (uid, claim) in &state.claims {
+            let devices: Vec<ClaimDevice> = claim
+                .devices
+                .iter()
+                .map(|d| ClaimDevice {
+                    request: main_request(&d.request).to_owned(),
+                    pool: d.pool.clone(),
+                    device: d.device.clone(),
+                    interface_name: d.member.interface.clone(),
+                })
+                .collect();
+            match self.parts.cdi.restore(uid, &devices) {
+                Ok((ids, written)) => {
+                    let recorded: Vec<&str> = claim
+                        .devices
+                        .iter()
+                        .map(|d| d.cdi_device_id.as_str())
+                        .collect();
+                    if ids.iter().map(String::as_str).ne(recorded.iter().copied()) {
+                        tracing::warn!(
+                            claim = %uid,
+                            ?ids,
+                            ?recorded,
+                            "the CDI device ids differ from the ones handed to the kubelet \
+                             (was the driver name changed?)"
+                        );
+                    }
+                    if written {
+                        tracing::info!(
+                            claim = %uid,
+                            spec = %self.parts.cdi.spec_path(uid).display(),
+                            "CDI spec of a checkpointed claim re-created"
+                        );
+                        restored.push(uid.clone());
+                    }
+                }
+                Err(error) => tracing::error!(
+                    claim = %uid,
+                    %error,
+                    "re-creating the CDI spec of a checkpointed claim failed; its containers \
+                     cannot start until it is prepared again"
+                ),
+            }
+        }
+        restored
     }
 
     /// Removes what writes interrupted by a crash left in the CDI and data directories; a
