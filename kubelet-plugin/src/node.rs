@@ -20,7 +20,7 @@ use can_dra_dataplane::bus::model::{Access, BusSpec, CanFilter, MemberSpec, Netn
 use can_dra_dataplane::bus::system::SystemKernel;
 use can_dra_dataplane::bus::{BusError, Buses, ReconcileReport};
 use can_dra_dataplane::link::{CanController, CanState};
-use can_dra_dataplane::netns::Netns;
+use can_dra_dataplane::netns::{Netns, NetnsId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
@@ -31,7 +31,7 @@ use crate::claims::{ClaimReader, KnownDevices};
 use crate::driver::{
     ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
 };
-use crate::hook::{AttachRequest, Attacher};
+use crate::hook::{AttachRequest, Attacher, Requester};
 use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
 use crate::status::{DeviceReady, StatusWriter};
 
@@ -1174,8 +1174,12 @@ impl Driver for NodeDriver {
 }
 
 impl Attacher for NodeDriver {
-    async fn attach(&self, request: AttachRequest) -> Result<String, String> {
+    async fn attach(&self, request: AttachRequest, requester: Requester) -> Result<String, String> {
         let mut state = self.state.lock().await;
+        // Waiting for the lock can take long (a stopped daemon, a large prepare).
+        if let Some(why) = requester.gone() {
+            return Err(format!("not attached: {why}"));
+        }
         let Some(member) = state
             .claims
             .get(&request.claim_uid)
@@ -1201,10 +1205,11 @@ impl Attacher for NodeDriver {
         let id = member_id(&request.claim_uid, &member.request);
         let pid = request.pid;
         let previous = member.attachment;
-        let (outcome, attachment) = self
+        let outcome = self
             .with_buses(move |buses| {
                 let netns = Netns::from_pid(pid).map_err(|e| e.to_string())?;
                 let current = netns.id();
+                refuse_node_namespace(pid, current)?;
                 let attachment = Attachment {
                     pid,
                     netns_dev: current.dev,
@@ -1217,7 +1222,10 @@ impl Attacher for NodeDriver {
                 let same_netns = previous
                     .is_some_and(|p| p.netns_dev == current.dev && p.netns_ino == current.ino);
                 if joined && same_netns {
-                    return Ok((format!("already attached in {current}"), attachment));
+                    return Ok(AttachOutcome::Attached(
+                        format!("already attached in {current}"),
+                        attachment,
+                    ));
                 }
                 if joined {
                     // A new sandbox: the old namespace (and the pod end with it) is gone.
@@ -1230,12 +1238,20 @@ impl Attacher for NodeDriver {
                 }
                 let spec = member.member.spec(id.clone(), NetnsRef::Pid(pid));
                 buses.join(&slot.bus, spec).map_err(|e| e.to_string())?;
+                // The hook may have given up while the member was made: then its container
+                // never runs, and nothing of the attach may stay.
+                if let Some(why) = requester.gone() {
+                    buses
+                        .leave(&slot.bus, &id)
+                        .map_err(|e| format!("{why}, and rolling the attach back failed: {e}"))?;
+                    return Ok(AttachOutcome::RolledBack(why));
+                }
                 let verb = if previous.is_some() {
                     "re-attached"
                 } else {
                     "attached"
                 };
-                Ok((
+                Ok(AttachOutcome::Attached(
                     format!(
                         "{verb} {} on bus {} in {current}",
                         member.member.interface, slot.bus
@@ -1244,21 +1260,62 @@ impl Attacher for NodeDriver {
                 ))
             })
             .await?;
+        let (message, attachment) = match outcome {
+            AttachOutcome::Attached(message, attachment) => (message, Some(attachment)),
+            AttachOutcome::RolledBack(why) => {
+                tracing::warn!(reason = %why, "attach rolled back: the hook has given up");
+                (format!("not attached: {why}"), None)
+            }
+        };
         if let Some(entry) = state.claims.get_mut(&request.claim_uid) {
             for d in entry
                 .devices
                 .iter_mut()
                 .filter(|d| d.pool == request.pool && d.device == request.device)
             {
-                d.attachment = Some(attachment);
+                d.attachment = attachment;
             }
         }
-        self.parts
-            .checkpoint
-            .save(&*state)
-            .map_err(|e| format!("member attached but the checkpoint failed: {e}"))?;
-        Ok(outcome)
+        // An old attachment the roll-back replaced is gone too: the checkpoint says so.
+        if attachment.is_some() || previous.is_some() {
+            self.parts
+                .checkpoint
+                .save(&*state)
+                .map_err(|e| format!("member attached but the checkpoint failed: {e}"))?;
+        }
+        match attachment {
+            Some(_) => Ok(message),
+            None => Err(message),
+        }
     }
+}
+
+/// What the data plane did for one attach.
+enum AttachOutcome {
+    /// The member is in the namespace: the message, and where.
+    Attached(String, Attachment),
+    /// The hook gave up while the member was made, so it was removed again: why.
+    RolledBack(String),
+}
+
+/// Refuses a target namespace that is the node's own: the daemon's (where its member host ends
+/// and tunnel links live) or that of the host's init process. A pod end there would sit among
+/// the node's links, where it could be taken for a controller or deleted as an orphan.
+fn refuse_node_namespace(pid: u32, target: NetnsId) -> Result<(), String> {
+    let own = [std::process::id(), 1]
+        .into_iter()
+        .filter_map(|p| Netns::from_pid(p).ok())
+        .map(|n| n.id());
+    for node in own {
+        if node == target {
+            return Err(format!(
+                "hostNetwork pods cannot join a bus: pid {pid} lives in the node's network \
+                 namespace {target}, where the driver keeps its own links; run the pod without \
+                 hostNetwork"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

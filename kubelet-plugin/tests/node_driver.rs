@@ -16,7 +16,7 @@ use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
-use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher};
+use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
 use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
@@ -287,13 +287,17 @@ async fn attaching_an_unprepared_claim_is_refused() {
     let rig = rig().await;
     let refused = rig
         .driver
-        .attach(AttachRequest {
-            claim_uid: "uid-unknown".into(),
-            pool: NODE.into(),
-            device: "body-m0".into(),
-            pid: std::process::id(),
-            container_id: "ctr".into(),
-        })
+        .attach(
+            AttachRequest {
+                claim_uid: "uid-unknown".into(),
+                pool: NODE.into(),
+                device: "body-m0".into(),
+                pid: std::process::id(),
+                container_id: "ctr".into(),
+                deadline_unix_ms: None,
+            },
+            Requester::default(),
+        )
         .await
         .unwrap_err();
     assert!(refused.contains("not prepared"), "{refused}");

@@ -62,6 +62,16 @@ impl Drop for Pod {
 /// with the OCI state of a container whose process is `pid` on stdin; the spec must name the
 /// daemon's hook socket `socket`. Returns whether it succeeded and its stderr.
 pub fn run_cdi_hook(spec_path: &Path, socket: &Path, pid: u32) -> (bool, String) {
+    run_cdi_hook_with(spec_path, socket, pid, &[])
+}
+
+/// [`run_cdi_hook`] with `extra` arguments after the spec's own (say `--timeout 3`).
+pub fn run_cdi_hook_with(
+    spec_path: &Path,
+    socket: &Path,
+    pid: u32,
+    extra: &[&str],
+) -> (bool, String) {
     let spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spec_path).unwrap()).unwrap();
     let hook = &spec["devices"][0]["containerEdits"]["hooks"][0];
@@ -81,6 +91,7 @@ pub fn run_cdi_hook(spec_path: &Path, socket: &Path, pid: u32) -> (bool, String)
     );
     let mut child = Command::new(hook["path"].as_str().unwrap())
         .args(&args)
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
