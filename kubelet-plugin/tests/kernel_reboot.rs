@@ -45,13 +45,13 @@ fn request() -> Vec<Claim> {
         .collect()
 }
 
-fn cdi_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+fn cdi_files(dir: &Path) -> BTreeMap<String, String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| {
             let entry = entry.unwrap();
             let name = entry.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read(entry.path()).unwrap())
+            (name, std::fs::read_to_string(entry.path()).unwrap())
         })
         .collect()
 }

@@ -35,14 +35,14 @@ const CLAIMS: [(&str, &str, &str, &str); 3] = [
 ];
 
 /// Every file in the CDI directory, by name.
-fn cdi_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+fn cdi_files(dir: &Path) -> BTreeMap<String, String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| {
             let entry = entry.unwrap();
             (
                 entry.file_name().to_string_lossy().into_owned(),
-                std::fs::read(entry.path()).unwrap(),
+                std::fs::read_to_string(entry.path()).unwrap(),
             )
         })
         .collect()
