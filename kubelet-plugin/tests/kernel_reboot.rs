@@ -11,9 +11,7 @@ mod api_support;
 mod daemon_support;
 mod kernel_support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
@@ -21,10 +19,9 @@ use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::hook::HOOK_SOCKET_NAME;
 use can_dra_kubelet_plugin::node::NodeState;
 use can_dra_proto::dra::v1::Claim;
-use can_dra_testkit::candump::{Candump, cansend};
 use can_dra_testkit::command::run;
-use daemon_support::{Daemon, NodeDirs};
-use kernel_support::{Pod, host_member_links, host_rules, run_cdi_hook};
+use daemon_support::{Daemon, NodeDirs, cdi_files};
+use kernel_support::{Pod, assert_frames_flow, host_member_links, host_rules, run_cdi_hook};
 use serde_json::json;
 
 const NODE_CONFIG: &str = "apiVersion: can.dra.dev/v1alpha1\nkind: NodeConfig\n\
@@ -43,27 +40,6 @@ fn request() -> Vec<Claim> {
             name: (*name).into(),
         })
         .collect()
-}
-
-fn cdi_files(dir: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| {
-            let entry = entry.unwrap();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read_to_string(entry.path()).unwrap())
-        })
-        .collect()
-}
-
-fn assert_frames_flow(a: &Pod, b: &Pod, label: &str) {
-    for (from, to, frame) in [(a, b, "123#DEADBEEF"), (b, a, "456#0102")] {
-        let dump = Candump::start(&to.netns, "can0").unwrap();
-        cansend(&from.netns, "can0", frame).unwrap();
-        dump.wait_for(1, Duration::from_secs(10));
-        let frames = dump.stop().unwrap();
-        assert_eq!(frames.len(), 1, "{label}: {frame} arrived {frames:?}");
-    }
 }
 
 fn attach(cdi: &CdiWriter, socket: &Path, pods: &[Pod; 2], daemon: &Daemon) {

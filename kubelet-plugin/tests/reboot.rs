@@ -11,14 +11,13 @@
 mod api_support;
 mod daemon_support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::node::NodeState;
 use can_dra_proto::dra::v1::Claim;
-use daemon_support::{Daemon, NodeDirs};
+use daemon_support::{Daemon, NodeDirs, cdi_files};
 use serde_json::json;
 
 const NODE_CONFIG: &str = "apiVersion: can.dra.dev/v1alpha1\nkind: NodeConfig\n\
@@ -33,20 +32,6 @@ const CLAIMS: [(&str, &str, &str, &str); 3] = [
     ("ecu-b", "0c1f-uid-b", "body-m3", "ecu1"),
     ("ecu-c", "uid-c", "body-m5", "vehicle"),
 ];
-
-/// Every file in the CDI directory, by name.
-fn cdi_files(dir: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| {
-            let entry = entry.unwrap();
-            (
-                entry.file_name().to_string_lossy().into_owned(),
-                std::fs::read_to_string(entry.path()).unwrap(),
-            )
-        })
-        .collect()
-}
 
 /// What a reboot does to the CDI directory: a fresh, empty tmpfs.
 fn wipe(dir: &PathBuf) {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use can_dra_testkit::candump::{Candump, cansend};
 use can_dra_testkit::namespace::{Host, TestNetns};
 use can_dra_testkit::observe::{cangw_rules, links_in};
 
@@ -130,4 +131,19 @@ pub fn host_member_links() -> Vec<String> {
         .map(|link| link.name)
         .filter(|name| name.starts_with(can_dra_dataplane::bus::naming::HOST_PREFIX))
         .collect()
+}
+
+/// Sends one frame from `from`'s `can0` and checks that `to`'s `can0` receives it exactly once.
+pub fn assert_one_frame(from: &Pod, to: &Pod, frame: &str, label: &str) {
+    let dump = Candump::start(&to.netns, "can0").unwrap();
+    cansend(&from.netns, "can0", frame).unwrap();
+    dump.wait_for(1, Duration::from_secs(10));
+    let frames = dump.stop().unwrap();
+    assert_eq!(frames.len(), 1, "{label}: {frame} arrived {frames:?}");
+}
+
+/// One frame each way between the `can0` of two pods, each arriving exactly once.
+pub fn assert_frames_flow(a: &Pod, b: &Pod, label: &str) {
+    assert_one_frame(a, b, "123#DEADBEEF", label);
+    assert_one_frame(b, a, "456#0102", label);
 }
