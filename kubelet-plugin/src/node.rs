@@ -245,7 +245,8 @@ pub enum NodeError {
 }
 
 /// A checkpointed attachment dropped by [`NodeDriver::recover`], because its pod's namespace is
-/// gone (the kernel removed the member's pair and rules with it) or could not be placed again.
+/// gone (the kernel removed the member's pair and rules with it), is the node's own (a
+/// hostNetwork pod let in by an earlier version), or could not be placed again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DroppedAttachment {
     /// The claim.
@@ -330,6 +331,52 @@ impl NodeState {
         }
         dropped
     }
+}
+
+impl NodeState {
+    /// Drops every attachment whose namespace is the node's own (see [`node_namespaces`]): an
+    /// earlier version let a hostNetwork pod join, and its pod end would sit among the node's
+    /// links. Without the attachment the reconcile removes the member's pair. Returns what was
+    /// dropped.
+    pub fn drop_node_namespace_attachments(&mut self) -> Vec<DroppedAttachment> {
+        let node = node_namespaces();
+        let mut dropped = Vec::new();
+        for (uid, claim) in &mut self.claims {
+            for device in &mut claim.devices {
+                let Some(attachment) = device.attachment else {
+                    continue;
+                };
+                let id = NetnsId {
+                    dev: attachment.netns_dev,
+                    ino: attachment.netns_ino,
+                };
+                if !node.contains(&id) {
+                    continue;
+                }
+                device.attachment = None;
+                dropped.push(DroppedAttachment {
+                    claim_uid: uid.clone(),
+                    request: device.request.clone(),
+                    attachment,
+                    reason: format!(
+                        "it lives in the node's network namespace {id}; hostNetwork pods cannot \
+                         join a bus"
+                    ),
+                });
+            }
+        }
+        dropped
+    }
+}
+
+/// The node's own network namespaces: the daemon's (where its member host ends and tunnel
+/// links live) and that of the host's init process.
+fn node_namespaces() -> Vec<NetnsId> {
+    [std::process::id(), 1]
+        .into_iter()
+        .filter_map(|pid| Netns::from_pid(pid).ok())
+        .map(|netns| netns.id())
+        .collect()
 }
 
 /// Everything [`NodeDriver::new`] needs.
@@ -861,15 +908,17 @@ impl NodeDriver {
 
     /// Re-creates the CDI spec of every checkpointed claim that lacks it (see
     /// [`RecoveryReport::cdi_restored`]), drops checkpointed attachments whose namespace is
-    /// gone, then reconciles the kernel against the remaining ones (repairing what is missing,
+    /// gone or is the node's own, then reconciles the kernel against the remaining ones (repairing what is missing,
     /// removing orphans) so that the buses are known again and a hook call for an attached pod
     /// finds it attached. The kernel is opened only when an attachment remains or the host has
     /// CAN. The checkpoint is saved either way.
     pub async fn recover_on(&self, host: HostCan) -> Result<RecoveryReport, NodeError> {
         let mut state = self.state.lock().await;
         self.remove_stale_temporaries();
+        let mut dropped = state.drop_stale_attachments();
+        dropped.extend(state.drop_node_namespace_attachments());
         let mut report = RecoveryReport {
-            dropped: state.drop_stale_attachments(),
+            dropped,
             reconciled: None,
             cdi_restored: self.restore_cdi_specs(&state),
         };
@@ -879,7 +928,7 @@ impl NodeDriver {
                 request = %dropped.request,
                 pid = dropped.attachment.pid,
                 reason = %dropped.reason,
-                "dropping an attachment: its pod namespace is gone"
+                "dropping an attachment"
             );
         }
         let desired = self.desired_state(&state);
@@ -1302,18 +1351,12 @@ enum AttachOutcome {
 /// and tunnel links live) or that of the host's init process. A pod end there would sit among
 /// the node's links, where it could be taken for a controller or deleted as an orphan.
 fn refuse_node_namespace(pid: u32, target: NetnsId) -> Result<(), String> {
-    let own = [std::process::id(), 1]
-        .into_iter()
-        .filter_map(|p| Netns::from_pid(p).ok())
-        .map(|n| n.id());
-    for node in own {
-        if node == target {
-            return Err(format!(
-                "hostNetwork pods cannot join a bus: pid {pid} lives in the node's network \
-                 namespace {target}, where the driver keeps its own links; run the pod without \
-                 hostNetwork"
-            ));
-        }
+    if node_namespaces().contains(&target) {
+        return Err(format!(
+            "hostNetwork pods cannot join a bus: pid {pid} lives in the node's network \
+             namespace {target}, where the driver keeps its own links; run the pod without \
+             hostNetwork"
+        ));
     }
     Ok(())
 }

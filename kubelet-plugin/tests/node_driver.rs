@@ -595,6 +595,15 @@ async fn recover_drops_an_attachment_whose_pid_lives_in_another_namespace() {
 }
 
 #[tokio::test]
+async fn recover_drops_an_attachment_in_the_nodes_own_namespace() {
+    // Recorded by a version that let a hostNetwork pod join: its pod end sits among the node's
+    // links. The test process stands for the node.
+    let root = tempfile::tempdir().unwrap();
+    let (driver, checkpoint, before) = restarted_driver(root.path(), Some(own_attachment())).await;
+    assert_dropped_only_attachment(&driver, &checkpoint, &before, "hostNetwork").await;
+}
+
+#[tokio::test]
 async fn recover_without_attachments_on_a_host_without_can_leaves_the_kernel_alone() {
     use can_dra_kubelet_plugin::node::HostCan;
 
