@@ -392,10 +392,12 @@ async fn answer<A: Attacher>(stream: UnixStream, attacher: std::sync::Arc<A>) {
             .await
         }
         Err(error) => {
+            // The decoder quotes what it could not read (an unknown field's name, say).
+            let error = escape_controls(&error.to_string()).into_owned();
             tracing::warn!(%error, "rejected a malformed hook request");
             AttachResponse {
                 attached: false,
-                message: error.to_string(),
+                message: error,
             }
         }
     };

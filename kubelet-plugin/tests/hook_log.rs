@@ -60,6 +60,13 @@ async fn hook_input_cannot_forge_a_log_line() {
             .contains("control character"),
         "{answer}"
     );
+    // The decoder's message quotes an unknown field's name.
+    let mut request = json!({"claimUid": "uid-3", "pool": NODE, "device": "body-m0", "pid": 1,
+                             "containerId": "ctr-3"});
+    request[format!("x\n{FORGED}")] = json!(1);
+    let answer = ask(&socket, &request);
+    assert_eq!(answer["attached"], false, "{answer}");
+
     let log_path = daemon.log.clone();
     assert!(daemon.stop(), "the daemon did not stop cleanly");
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 
-use can_dra_kubelet_plugin::hook::{self, AttachRequest, HookError, OciState};
+use can_dra_kubelet_plugin::hook::{self, AttachRequest, HookError, OciState, escape_controls};
 
 /// Attach a can-dra bus member to the container described by the OCI state on stdin.
 #[derive(Debug, Parser)]
@@ -53,15 +53,20 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(message) => {
             eprintln!(
-                "can-dra: claim {} device {}: {message}",
-                args.claim, args.device
+                "can-dra: claim {} device {}: {}",
+                escape_controls(&args.claim),
+                escape_controls(&args.device),
+                escape_controls(&message)
             );
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!(
-                "can-dra: claim {} device {}/{}: {error}; refusing to start the container without its CAN bus",
-                args.claim, args.pool, args.device
+                "can-dra: claim {} device {}/{}: {}; refusing to start the container without its CAN bus",
+                escape_controls(&args.claim),
+                escape_controls(&args.pool),
+                escape_controls(&args.device),
+                escape_controls(&error.to_string())
             );
             ExitCode::FAILURE
         }
