@@ -95,13 +95,23 @@ async fn after_a_reboot_the_cdi_specs_return_and_new_sandboxes_join_their_bus() 
     // the tmpfs survives; the checkpoint (on disk) does.
     daemon.kill9();
     drop(pods);
-    for link in host_member_links() {
-        run(std::process::Command::new("ip").args(["link", "del", &link])).unwrap();
+    // The kernel tears the pods' namespaces (and the pairs with them) down in the background:
+    // delete what is left, tolerating links that vanish meanwhile.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while host_member_links() != links_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member links stay: {:?}",
+            host_member_links()
+        );
+        for link in host_member_links() {
+            let _ = run(std::process::Command::new("ip").args(["link", "del", &link]));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     run(std::process::Command::new("cangw").arg("-F")).unwrap();
     std::fs::remove_dir_all(&dirs.cdi).unwrap();
     std::fs::create_dir_all(&dirs.cdi).unwrap();
-    assert_eq!(host_member_links(), links_before);
     assert_eq!(host_rules(), rules_before);
 
     // Started again; the kubelet sends no prepare.
