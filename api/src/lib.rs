@@ -31,14 +31,17 @@ pub use decode::API_VERSION;
 pub use error::ConfigError;
 pub use member::{
     Access, CanFilter, DirectionConfig, FilterConfig, FrameFormat, MAX_DELAY, MAX_FILTERS,
-    MEMBER_CONFIG_KIND, MemberConfig, ResolvedMember, ResolvedShaping, ShapingConfig,
+    MAX_JITTER, MEMBER_CONFIG_KIND, MemberConfig, ResolvedMember, ResolvedShaping, ShapingConfig,
     ShapingDirection,
 };
 pub use node::{
     DEFAULT_SLOTS, GlobPattern, MAX_BUS_NAME_LEN, MAX_SLOTS, NODE_CONFIG_KIND, NodeConfig,
     PhysicalConfig, VirtualBusConfig,
 };
-pub use value::{Bitrate, CanId, InterfaceName, Percent, TimeSpan, ValueError};
+pub use value::{
+    Bitrate, CanId, InterfaceName, Percent, RESERVED_INTERFACE_PREFIXES, TimeSpan, ValueError,
+    is_reserved_interface_name,
+};
 
 /// The API group of the project's own types.
 pub const API_GROUP: &str = "can.dra.dev";

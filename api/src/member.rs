@@ -18,8 +18,12 @@ pub const MEMBER_CONFIG_KIND: &str = "MemberConfig";
 /// Most filters one list may hold; each becomes a kernel rule or filter entry per member.
 pub const MAX_FILTERS: usize = 64;
 
-/// Longest delay (and jitter) a shaping direction accepts.
+/// Longest delay a shaping direction accepts.
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Largest jitter a shaping direction accepts: netem's cap of `INT_MAX` nanoseconds (about
+/// 2.147 s), which the node's data plane enforces too.
+pub const MAX_JITTER: Duration = Duration::from_nanos(i32::MAX as u64);
 
 /// How a pod joins a CAN bus: the opaque parameters of a claim or device class for this driver.
 ///
@@ -163,7 +167,8 @@ pub struct DirectionConfig {
     /// Added latency, at most 10 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay: Option<TimeSpan>,
-    /// Random variation of the delay; needs `delay` and must not exceed it.
+    /// Random variation of the delay; needs `delay`, must not exceed it, and at most
+    /// [`MAX_JITTER`] (about 2.147 s, netem's limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jitter: Option<TimeSpan>,
     /// Share of frames dropped.
@@ -425,6 +430,12 @@ impl DirectionConfig {
             };
             if jitter > delay {
                 return Err(field.error(format!("{jitter} exceeds delay {delay}")));
+            }
+            if jitter.as_duration() > MAX_JITTER {
+                return Err(field.error(format!(
+                    "{jitter} is above {}, the largest jitter the kernel's netem accepts",
+                    TimeSpan::from(MAX_JITTER)
+                )));
             }
         }
         Ok(())

@@ -677,11 +677,31 @@ impl<'de> Deserialize<'de> for CanId {
     }
 }
 
+/// Prefixes of the link names the driver gives its own links: member host ends (`cdra` + 11 hex
+/// digits, `can_dra_dataplane::bus::naming`) and tunnel pairs (`vxtm-<bus>`, `vxtt-<bus>`, the
+/// kubelet plugin's `tunnels`). No member or controller may be named so: the driver would take
+/// the link for its own, never publish it, and delete it as an orphan.
+pub const RESERVED_INTERFACE_PREFIXES: &[&str] = &["cdra", "vxtm-", "vxtt-"];
+
+/// Whether `name` has one of the [`RESERVED_INTERFACE_PREFIXES`].
+pub fn is_reserved_interface_name(name: &str) -> bool {
+    RESERVED_INTERFACE_PREFIXES
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
 /// A Linux network interface name, checked against the kernel's naming rules.
 ///
 /// Rules: 1 to 15 bytes of printable ASCII; no `/`, `:`, `%` or whitespace; not `.`, `..` or `lo`
 /// (which exists in every network namespace). `%` is refused because the kernel treats a name
-/// containing it as a template and picks a number itself.
+/// containing it as a template and picks a number itself. Names with a prefix the driver
+/// reserves for its own links ([`RESERVED_INTERFACE_PREFIXES`]) are refused too.
+///
+/// ```
+/// use can_dra_api::InterfaceName;
+/// let err = "cdra0123456789a".parse::<InterfaceName>().unwrap_err();
+/// assert!(err.to_string().contains("reserves"), "{err}");
+/// ```
 ///
 /// ```
 /// use can_dra_api::InterfaceName;
@@ -728,6 +748,14 @@ impl FromStr for InterfaceName {
             return Err(bad(
                 "already exists in every network namespace (the loopback device)".to_owned(),
             ));
+        }
+        if let Some(prefix) = RESERVED_INTERFACE_PREFIXES
+            .iter()
+            .find(|prefix| input.starts_with(*prefix))
+        {
+            return Err(bad(format!(
+                "starts with {prefix:?}, which the driver reserves for its own links"
+            )));
         }
         for c in input.chars() {
             match c {
@@ -956,6 +984,15 @@ mod tests {
         assert!(msg("cän").contains("only printable ASCII"));
         assert!(msg("lo").contains("loopback"));
         assert_eq!(msg(""), "is empty");
+        assert_eq!(
+            msg("cdra0123456789a"),
+            "\"cdra0123456789a\" starts with \"cdra\", which the driver reserves for its own links"
+        );
+        assert!(msg("cdra0").contains("reserves"));
+        assert!(msg("vxtm-body").contains("\"vxtm-\""));
+        assert!(msg("vxtt-body").contains("\"vxtt-\""));
+        assert!("vxcan0".parse::<InterfaceName>().is_ok());
+        assert!("can7".parse::<InterfaceName>().is_ok());
         assert_eq!(
             "abcdefghijklmno"
                 .parse::<InterfaceName>()

@@ -378,6 +378,18 @@ fn bad_yaml_inputs_name_the_field_and_the_rule() {
             "shaping.tx.jitter: 20ms exceeds delay 10ms",
         ),
         (
+            "shaping:\n  tx:\n    delay: 10s\n    jitter: 3s\n",
+            "shaping.tx.jitter: 3s is above 2.147483647s, the largest jitter the kernel's netem accepts",
+        ),
+        (
+            "interfaceName: cdra0123456789a\n",
+            r#"interfaceName: "cdra0123456789a" starts with "cdra", which the driver reserves for its own links"#,
+        ),
+        (
+            "interfaceName: vxtm-body\n",
+            r#"interfaceName: "vxtm-body" starts with "vxtm-", which the driver reserves for its own links"#,
+        ),
+        (
             "shaping:\n  rx:\n    bitrate: 2M\n",
             "shaping.rx.bitrate: 2Mbit is above 1Mbit, the highest nominal CAN bitrate (an FD data phase goes in dataBitrate)",
         ),
@@ -624,4 +636,13 @@ fn hand_built_configs_are_checked_too() {
         ..MemberConfig::default()
     };
     assert_eq!(config.validate().unwrap_err().field(), "transmitAllow");
+}
+
+#[test]
+fn jitter_up_to_the_kernels_limit_is_accepted() {
+    let config = yaml("shaping: {rx: {delay: 10s, jitter: 2.147483647s}}\n").unwrap();
+    let member = config.resolve(0).unwrap();
+    assert_eq!(member.shaping.rx.jitter, can_dra_api::MAX_JITTER);
+    let err = yaml("shaping: {rx: {delay: 10s, jitter: 2.147483648s}}\n").unwrap_err();
+    assert_eq!(err.field(), "shaping.rx.jitter");
 }

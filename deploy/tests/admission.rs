@@ -134,6 +134,9 @@ fn valid_configs_are_admitted() {
         json!({"shaping": {"rx": {"bitrate": "125kbps", "delay": "10s", "jitter": "250us", "loss": "12.3400%"}}}),
         json!({"shaping": {"rx": {"bitrate": "1Mbit/s", "delay": "0", "loss": "0.0001%"}}}),
         json!({"shaping": {"tx": {"delay": "100ns", "jitter": "100ns", "duplicate": "005%"}}}),
+        json!({"shaping": {"tx": {"delay": "10s", "jitter": "2.147483647s"}}}),
+        json!({"interfaceName": "vxcan0"}),
+        json!({"interfaceName": "cdr0"}),
         json!({"receiveFilters": (0..64).map(|i| json!({"id": i})).collect::<Vec<_>>()}),
     ];
     for fields in corpus {
@@ -168,6 +171,14 @@ fn invalid_configs_are_denied_naming_the_field() {
         (member(json!({"interfaceName": ".."})), "interfaceName"),
         (member(json!({"interfaceName": "lo"})), "interfaceName"),
         (member(json!({"interfaceName": "cän0"})), "interfaceName"),
+        (
+            member(json!({"interfaceName": "cdra0123456789a"})),
+            "reserves for its own links",
+        ),
+        (
+            member(json!({"interfaceName": "vxtt-body"})),
+            "reserves for its own links",
+        ),
         (member(json!({"access": "readOnly"})), "access"),
         (member(json!({"frameFormat": "FD"})), "frameFormat"),
         (
@@ -258,6 +269,14 @@ fn invalid_configs_are_denied_naming_the_field() {
         (
             member(json!({"shaping": {"rx": {"delay": "1ms", "jitter": "2ms"}}})),
             "jitter",
+        ),
+        (
+            member(json!({"shaping": {"tx": {"delay": "10s", "jitter": "3s"}}})),
+            "jitter must be at most 2.147483647s",
+        ),
+        (
+            member(json!({"shaping": {"tx": {"delay": "10s", "jitter": "2147483648ns"}}})),
+            "jitter must be at most 2.147483647s",
         ),
         (
             member(json!({"shaping": {"rx": {"bitrate": "fast"}}})),

@@ -696,3 +696,32 @@ fn the_first_claim_selects_a_bus_the_node_configuration_offers() {
     assert!(node.virtual_buses.iter().any(|b| b.name == "body"));
     assert!(README.contains(r#"expression: device.attributes["can.dra.dev"].bus == "body""#));
 }
+
+#[test]
+fn the_claim_parameter_reference_states_the_real_limits() {
+    let row = |field: &str| {
+        README
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{field}` | ")))
+            .unwrap_or_else(|| panic!("no README row for {field}"))
+    };
+    let delay = can_dra_api::TimeSpan::from(can_dra_api::MAX_DELAY).to_string();
+    assert!(
+        row("delay").contains(&format!("`{delay}`")),
+        "{}",
+        row("delay")
+    );
+    let jitter = can_dra_api::TimeSpan::from(can_dra_api::MAX_JITTER).to_string();
+    assert!(
+        row("jitter").contains(&format!("`{jitter}`")),
+        "{}",
+        row("jitter")
+    );
+    for prefix in can_dra_api::RESERVED_INTERFACE_PREFIXES {
+        assert!(
+            row("interfaceName").contains(&format!("`{prefix}`")),
+            "{prefix}: {}",
+            row("interfaceName")
+        );
+    }
+}

@@ -45,12 +45,23 @@ pub enum AdapterError {
 }
 
 /// The links published as controllers: every CAN link but the driver's own member and tunnel
-/// links. A vxcan of another tool stays eligible: it is how a wire or ECU stand-in is attached.
-/// Sorted by interface name, so that two listings of the same links compare equal.
+/// links, and the far end of a pair whose other end is one of them (a member's pod end that
+/// ended up in this namespace). A vxcan of another tool stays eligible: it is how a wire or ECU
+/// stand-in is attached. Sorted by interface name, so that two listings of the same links
+/// compare equal.
 pub fn published_controllers(found: &[CanController]) -> Vec<PhysicalController> {
+    let driver_indexes: Vec<u32> = found
+        .iter()
+        .filter(|c| is_driver_link(&c.name))
+        .map(|c| c.index)
+        .collect();
     let mut published: Vec<PhysicalController> = found
         .iter()
         .filter(|c| !is_driver_link(&c.name))
+        .filter(|c| {
+            !c.peer_index
+                .is_some_and(|peer| driver_indexes.contains(&peer))
+        })
         .map(physical_controller)
         .collect();
     published.sort_by(|a, b| a.interface.cmp(&b.interface));
@@ -347,7 +358,7 @@ mod tests {
 
     fn link(name: &str, kind: CanKind, up: bool, state: Option<CanState>) -> CanController {
         CanController {
-            index: 7,
+            index: 7 + u32::try_from(name.len()).unwrap() * 100 + u32::from(name.as_bytes()[0]),
             name: name.into(),
             kind,
             mtu: 16,
@@ -372,6 +383,8 @@ mod tests {
             link("ecu0", CanKind::Vxcan, true, None),
             link("vcan0", CanKind::Vcan, false, None),
             link("vcan1", CanKind::Vcan, true, None),
+            link("cdra", CanKind::Vcan, true, None),
+            link("vxtt-body", CanKind::Vxcan, true, None),
         ];
         let published: Vec<(String, ControllerState)> = published_controllers(&found)
             .into_iter()
@@ -386,6 +399,36 @@ mod tests {
                 ("vcan1".to_owned(), ControllerState::Unknown),
             ]
         );
+    }
+
+    #[test]
+    fn a_member_end_left_beside_its_host_end_is_never_an_adapter() {
+        let host_end = CanController {
+            index: 40,
+            peer_index: Some(41),
+            ..link("cdra0123456789a", CanKind::Vxcan, true, None)
+        };
+        let pod_end = CanController {
+            index: 41,
+            peer_index: Some(40),
+            ..link("can7", CanKind::Vxcan, true, None)
+        };
+        let stand_in = CanController {
+            index: 42,
+            peer_index: Some(43),
+            ..link("can8", CanKind::Vxcan, true, None)
+        };
+        let other_end = CanController {
+            index: 43,
+            peer_index: Some(42),
+            ..link("ecu8", CanKind::Vxcan, true, None)
+        };
+        let published: Vec<String> =
+            published_controllers(&[host_end, pod_end, stand_in, other_end])
+                .into_iter()
+                .map(|c| c.interface)
+                .collect();
+        assert_eq!(published, ["can8", "ecu8"]);
     }
 
     #[test]

@@ -222,6 +222,33 @@ impl CdiWriter {
             .collect())
     }
 
+    /// Makes sure the claim's spec is on disk as [`CdiWriter::write`] would write it, and says
+    /// whether it had to be written (missing or different): after a node reboot the CDI
+    /// directory (a tmpfs) is empty while the checkpoint survives, and the kubelet does not
+    /// prepare again a claim it believes prepared. Returns the ids, as `write` does.
+    pub fn restore(
+        &self,
+        claim_uid: &str,
+        devices: &[ClaimDevice],
+    ) -> Result<(Vec<String>, bool), CdiError> {
+        let spec = self.spec(claim_uid, devices)?;
+        let path = self.spec_path(claim_uid);
+        let bytes = serde_json::to_vec_pretty(&spec)?;
+        let ids = spec
+            .devices
+            .iter()
+            .map(|device| format!("{}={}", spec.kind, device.name))
+            .collect();
+        match std::fs::read(&path) {
+            Ok(found) if found == bytes => return Ok((ids, false)),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CdiError::Io { path, source }),
+        }
+        files::write_atomically(&path, &bytes).map_err(|source| CdiError::Io { path, source })?;
+        Ok((ids, true))
+    }
+
     /// Removes the claim's spec; a spec that is already gone is fine.
     pub fn remove(&self, claim_uid: &str) -> Result<(), CdiError> {
         let path = self.spec_path(claim_uid);
@@ -400,6 +427,28 @@ mod tests {
         writer.remove("uid-1").unwrap();
         writer.remove("uid-1").unwrap();
         assert!(writer.claims_with_specs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn restore_writes_a_missing_or_changed_spec_and_leaves_a_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = CdiWriter::new(dir.path(), "can.dra.dev", "/hook");
+        let devices = [device("a", "can0-m0"), device("b", "can0-m1")];
+        let ids = writer.write("uid-1", &devices).unwrap();
+        let bytes = std::fs::read(writer.spec_path("uid-1")).unwrap();
+        assert_eq!(
+            writer.restore("uid-1", &devices).unwrap(),
+            (ids.clone(), false)
+        );
+        std::fs::remove_file(writer.spec_path("uid-1")).unwrap();
+        assert_eq!(
+            writer.restore("uid-1", &devices).unwrap(),
+            (ids.clone(), true)
+        );
+        assert_eq!(std::fs::read(writer.spec_path("uid-1")).unwrap(), bytes);
+        std::fs::write(writer.spec_path("uid-1"), b"{}").unwrap();
+        assert_eq!(writer.restore("uid-1", &devices).unwrap(), (ids, true));
+        assert_eq!(std::fs::read(writer.spec_path("uid-1")).unwrap(), bytes);
     }
 
     #[test]

@@ -8,9 +8,21 @@
 //! The protocol is one JSON request line and one JSON response line per connection. Every step
 //! is bounded in time, and every failure is an error with a message: the hook fails closed, so a
 //! container never starts without its bus.
+//!
+//! A hook that gave up (its time ran out, or the runtime killed it) must not leave a member
+//! behind for a container that never runs: the request carries the hook's deadline, and the
+//! daemon hands the attacher a [`Requester`] that says whether the hook is still waiting
+//! (deadline not passed, connection not closed), checked before the work starts and again
+//! before it is committed.
+//!
+//! Every string of a request comes from outside the daemon (the OCI state, the CDI spec): the
+//! claim, pool and device must not hold control characters, and the container id is logged
+//! with them escaped, so no input can forge a line of the daemon's log.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -118,6 +130,109 @@ pub struct AttachRequest {
     pub pid: u32,
     /// The container id, for logs.
     pub container_id: String,
+    /// When the hook gives up waiting, in milliseconds since the Unix epoch: a request found
+    /// past it is refused, and an attach that finishes past it is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<u64>,
+}
+
+impl AttachRequest {
+    /// Refuses a request whose claim, pool or device holds a control character: none of them
+    /// can name a prepared device, and they end up in logs and messages.
+    pub fn check(&self) -> Result<(), HookError> {
+        for (field, value) in [
+            ("claimUid", &self.claim_uid),
+            ("pool", &self.pool),
+            ("device", &self.device),
+        ] {
+            if value.chars().any(char::is_control) {
+                return Err(HookError::Malformed(format!(
+                    "{field} {} contains a control character",
+                    escape_controls(value)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `value` with every control character escaped (`\n`, `\u{1b}`, ...), for logs and messages.
+///
+/// ```
+/// use can_dra_kubelet_plugin::hook::escape_controls;
+/// assert_eq!(escape_controls("ctr-1"), "ctr-1");
+/// assert_eq!(escape_controls("a\nb\x1b"), "a\\nb\\u{1b}");
+/// ```
+pub fn escape_controls(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    std::borrow::Cow::Owned(
+        value
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Milliseconds since the Unix epoch of `at` (0 before it).
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The hook that sent a request, as far as the daemon can tell whether it is still waiting.
+#[derive(Debug, Clone, Default)]
+pub struct Requester {
+    deadline_unix_ms: Option<u64>,
+    connection: Option<Arc<OwnedFd>>,
+}
+
+impl Requester {
+    /// A requester with this deadline whose connection is `connection` (a duplicate of the
+    /// daemon's end of the hook's socket).
+    pub fn new(deadline_unix_ms: Option<u64>, connection: Option<OwnedFd>) -> Self {
+        Self {
+            deadline_unix_ms,
+            connection: connection.map(Arc::new),
+        }
+    }
+
+    /// Why the hook is no longer waiting, if it is not: its deadline passed, or it closed its
+    /// connection (it exited or was killed). `None` while it waits.
+    pub fn gone(&self) -> Option<String> {
+        if let Some(deadline) = self.deadline_unix_ms {
+            let now = unix_ms(SystemTime::now());
+            if now >= deadline {
+                return Some(format!(
+                    "the hook's deadline passed {} ms ago; it has given up",
+                    now - deadline
+                ));
+            }
+        }
+        let fd = self.connection.as_ref()?;
+        // POLLHUP: the peer closed its end entirely (a hook only half-closes while it waits).
+        let mut polled = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::empty(),
+        )];
+        match nix::poll::poll(&mut polled, nix::poll::PollTimeout::ZERO) {
+            Ok(_) => polled[0]
+                .revents()
+                .filter(|r| {
+                    r.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR)
+                })
+                .map(|_| "the hook closed its connection; it has given up".to_owned()),
+            Err(error) => Some(format!("cannot tell whether the hook still waits: {error}")),
+        }
+    }
 }
 
 /// The daemon's answer.
@@ -179,10 +294,13 @@ async fn read_line<R: tokio::io::AsyncRead + Unpin>(reader: R) -> Result<String,
 
 /// The daemon's side: what to do with an attach request.
 pub trait Attacher: Send + Sync + 'static {
-    /// Attaches the device (idempotently) and says what happened, or why it could not.
+    /// Attaches the device (idempotently) and says what happened, or why it could not. When
+    /// `requester` is [gone](Requester::gone) before the attach is committed, nothing of it may
+    /// remain.
     fn attach(
         &self,
         request: AttachRequest,
+        requester: Requester,
     ) -> impl std::future::Future<Output = Result<String, String>> + Send;
 }
 
@@ -221,10 +339,19 @@ pub async fn serve<A: Attacher>(
 }
 
 async fn answer<A: Attacher>(stream: UnixStream, attacher: std::sync::Arc<A>) {
+    let connection = match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => Some(fd),
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch the hook's connection");
+            None
+        }
+    };
     let (reader, mut writer) = stream.into_split();
     let request = read_line(reader).await.and_then(|line| {
-        serde_json::from_str::<AttachRequest>(&line)
-            .map_err(|error| HookError::Malformed(error.to_string()))
+        let request = serde_json::from_str::<AttachRequest>(&line)
+            .map_err(|error| HookError::Malformed(error.to_string()))?;
+        request.check()?;
+        Ok(request)
     });
     let response = match request {
         Ok(request) => {
@@ -233,10 +360,18 @@ async fn answer<A: Attacher>(stream: UnixStream, attacher: std::sync::Arc<A>) {
                 claim = %request.claim_uid,
                 device = %request.device,
                 pid = request.pid,
-                container = %request.container_id
+                container = %escape_controls(&request.container_id)
             );
+            let requester = Requester::new(request.deadline_unix_ms, connection);
             async {
-                match attacher.attach(request).await {
+                if let Some(why) = requester.gone() {
+                    tracing::warn!(reason = %why, "not attaching for a hook that has given up");
+                    return AttachResponse {
+                        attached: false,
+                        message: why,
+                    };
+                }
+                match attacher.attach(request, requester).await {
                     Ok(message) => {
                         tracing::info!(%message, "attached");
                         AttachResponse {
@@ -257,10 +392,12 @@ async fn answer<A: Attacher>(stream: UnixStream, attacher: std::sync::Arc<A>) {
             .await
         }
         Err(error) => {
+            // The decoder quotes what it could not read (an unknown field's name, say).
+            let error = escape_controls(&error.to_string()).into_owned();
             tracing::warn!(%error, "rejected a malformed hook request");
             AttachResponse {
                 attached: false,
-                message: error.to_string(),
+                message: error,
             }
         }
     };

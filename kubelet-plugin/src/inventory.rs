@@ -173,9 +173,12 @@ impl fmt::Display for SlotBus {
     }
 }
 
-/// Whether a link is one the driver creates: a member's host end or a tunnel pair end.
+/// Whether a link has a name the driver reserves for its own: a member's host end or a tunnel
+/// pair end ([`can_dra_api::RESERVED_INTERFACE_PREFIXES`], which no member may use either).
 pub fn is_driver_link(name: &str) -> bool {
-    can_dra_dataplane::bus::naming::is_owned(name) || crate::tunnels::is_tunnel_link(name)
+    can_dra_dataplane::bus::naming::is_owned(name)
+        || crate::tunnels::is_tunnel_link(name)
+        || can_dra_api::is_reserved_interface_name(name)
 }
 
 impl Inventory {
@@ -420,6 +423,20 @@ pub(crate) fn fnv1a32(text: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_link_name_the_driver_makes_is_reserved_in_the_api() {
+        let mut names = vec![can_dra_dataplane::bus::naming::host_name("uid/req")];
+        for bus in ["body", "a-very-long-bus-name"] {
+            let (mesh, tunnel) = crate::tunnels::link_names(bus);
+            names.extend([mesh, tunnel]);
+        }
+        for name in names {
+            assert!(is_driver_link(&name), "{name}");
+            let refused = name.parse::<can_dra_api::InterfaceName>().unwrap_err();
+            assert!(refused.to_string().contains("reserves"), "{refused}");
+        }
+    }
 
     fn rate(text: &str) -> Bitrate {
         text.parse().unwrap()

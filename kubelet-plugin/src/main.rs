@@ -110,6 +110,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     match driver.recover().await {
         Ok(report) => tracing::info!(
             dropped = report.dropped.len(),
+            cdi_restored = report.cdi_restored.len(),
             reconciled = report.reconciled.is_some(),
             "recovered from the checkpoint"
         ),

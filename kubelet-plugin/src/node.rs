@@ -6,8 +6,9 @@
 //! namespace does not exist yet. The member is created later, when the CDI hook reports the
 //! container's pid ([`NodeDriver::attach`]). Unprepare undoes both.
 //!
-//! After a restart the in-memory bus state is empty: [`NodeDriver::recover`] drops attachments
-//! whose pod namespace is gone and reconciles the kernel against the rest, before serving.
+//! After a restart the in-memory bus state is empty: [`NodeDriver::recover`] re-creates the CDI
+//! specs a node reboot wiped, drops attachments whose pod namespace is gone and reconciles the
+//! kernel against the rest, before serving.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use can_dra_dataplane::bus::model::{Access, BusSpec, CanFilter, MemberSpec, Netn
 use can_dra_dataplane::bus::system::SystemKernel;
 use can_dra_dataplane::bus::{BusError, Buses, ReconcileReport};
 use can_dra_dataplane::link::{CanController, CanState};
-use can_dra_dataplane::netns::Netns;
+use can_dra_dataplane::netns::{Netns, NetnsId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
@@ -30,7 +31,7 @@ use crate::claims::{ClaimReader, KnownDevices};
 use crate::driver::{
     ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
 };
-use crate::hook::{AttachRequest, Attacher};
+use crate::hook::{AttachRequest, Attacher, Requester};
 use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
 use crate::status::{DeviceReady, StatusWriter};
 
@@ -244,7 +245,8 @@ pub enum NodeError {
 }
 
 /// A checkpointed attachment dropped by [`NodeDriver::recover`], because its pod's namespace is
-/// gone (the kernel removed the member's pair and rules with it) or could not be placed again.
+/// gone (the kernel removed the member's pair and rules with it), is the node's own (a
+/// hostNetwork pod let in by an earlier version), or could not be placed again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DroppedAttachment {
     /// The claim.
@@ -264,6 +266,9 @@ pub struct RecoveryReport {
     pub dropped: Vec<DroppedAttachment>,
     /// The kernel reconcile, when the data plane was opened for it.
     pub reconciled: Option<ReconcileReport>,
+    /// Claims whose CDI spec was missing or different and was written again (after a node
+    /// reboot: the CDI directory is a tmpfs, the checkpoint is not).
+    pub cdi_restored: Vec<ClaimUid>,
 }
 
 /// Whether the host kernel may hold CAN state of the driver, which decides whether
@@ -326,6 +331,52 @@ impl NodeState {
         }
         dropped
     }
+}
+
+impl NodeState {
+    /// Drops every attachment whose namespace is the node's own (see [`node_namespaces`]): an
+    /// earlier version let a hostNetwork pod join, and its pod end would sit among the node's
+    /// links. Without the attachment the reconcile removes the member's pair. Returns what was
+    /// dropped.
+    pub fn drop_node_namespace_attachments(&mut self) -> Vec<DroppedAttachment> {
+        let node = node_namespaces();
+        let mut dropped = Vec::new();
+        for (uid, claim) in &mut self.claims {
+            for device in &mut claim.devices {
+                let Some(attachment) = device.attachment else {
+                    continue;
+                };
+                let id = NetnsId {
+                    dev: attachment.netns_dev,
+                    ino: attachment.netns_ino,
+                };
+                if !node.contains(&id) {
+                    continue;
+                }
+                device.attachment = None;
+                dropped.push(DroppedAttachment {
+                    claim_uid: uid.clone(),
+                    request: device.request.clone(),
+                    attachment,
+                    reason: format!(
+                        "it lives in the node's network namespace {id}; hostNetwork pods cannot \
+                         join a bus"
+                    ),
+                });
+            }
+        }
+        dropped
+    }
+}
+
+/// The node's own network namespaces: the daemon's (where its member host ends and tunnel
+/// links live) and that of the host's init process.
+fn node_namespaces() -> Vec<NetnsId> {
+    [std::process::id(), 1]
+        .into_iter()
+        .filter_map(|pid| Netns::from_pid(pid).ok())
+        .map(|netns| netns.id())
+        .collect()
 }
 
 /// Everything [`NodeDriver::new`] needs.
@@ -855,17 +906,21 @@ impl NodeDriver {
         self.recover_on(HostCan::probe(&self.inventory())).await
     }
 
-    /// Drops checkpointed attachments whose namespace is gone, then reconciles the kernel
-    /// against the remaining ones (repairing what is missing, removing orphans) so that the
-    /// buses are known again and a hook call for an attached pod finds it attached. The kernel
-    /// is opened only when an attachment remains or the host has CAN. The checkpoint is saved
-    /// either way.
+    /// Re-creates the CDI spec of every checkpointed claim that lacks it (see
+    /// [`RecoveryReport::cdi_restored`]), drops checkpointed attachments whose namespace is
+    /// gone or is the node's own, then reconciles the kernel against the remaining ones (repairing what is missing,
+    /// removing orphans) so that the buses are known again and a hook call for an attached pod
+    /// finds it attached. The kernel is opened only when an attachment remains or the host has
+    /// CAN. The checkpoint is saved either way.
     pub async fn recover_on(&self, host: HostCan) -> Result<RecoveryReport, NodeError> {
         let mut state = self.state.lock().await;
         self.remove_stale_temporaries();
+        let mut dropped = state.drop_stale_attachments();
+        dropped.extend(state.drop_node_namespace_attachments());
         let mut report = RecoveryReport {
-            dropped: state.drop_stale_attachments(),
+            dropped,
             reconciled: None,
+            cdi_restored: self.restore_cdi_specs(&state),
         };
         for dropped in &report.dropped {
             tracing::info!(
@@ -873,7 +928,7 @@ impl NodeDriver {
                 request = %dropped.request,
                 pid = dropped.attachment.pid,
                 reason = %dropped.reason,
-                "dropping an attachment: its pod namespace is gone"
+                "dropping an attachment"
             );
         }
         let desired = self.desired_state(&state);
@@ -937,6 +992,60 @@ impl NodeDriver {
             return Err(error.into());
         }
         Ok(report)
+    }
+
+    /// Writes the CDI spec of every checkpointed claim that lacks it (or whose spec differs
+    /// from what prepare wrote): the kubelet may never call prepare again for a claim it
+    /// believes prepared, so without this a pod's containers could not start after a node
+    /// reboot emptied the CDI directory. A failure is logged; the claim stays checkpointed.
+    /// Returns the claims whose spec was written.
+    fn restore_cdi_specs(&self, state: &NodeState) -> Vec<ClaimUid> {
+        let mut restored = Vec::new();
+        for (uid, claim) in &state.claims {
+            let devices: Vec<ClaimDevice> = claim
+                .devices
+                .iter()
+                .map(|d| ClaimDevice {
+                    request: main_request(&d.request).to_owned(),
+                    pool: d.pool.clone(),
+                    device: d.device.clone(),
+                    interface_name: d.member.interface.clone(),
+                })
+                .collect();
+            match self.parts.cdi.restore(uid, &devices) {
+                Ok((ids, written)) => {
+                    let recorded: Vec<&str> = claim
+                        .devices
+                        .iter()
+                        .map(|d| d.cdi_device_id.as_str())
+                        .collect();
+                    if ids.iter().map(String::as_str).ne(recorded.iter().copied()) {
+                        tracing::warn!(
+                            claim = %uid,
+                            ?ids,
+                            ?recorded,
+                            "the CDI device ids differ from the ones handed to the kubelet \
+                             (was the driver name changed?)"
+                        );
+                    }
+                    if written {
+                        tracing::info!(
+                            claim = %uid,
+                            spec = %self.parts.cdi.spec_path(uid).display(),
+                            "CDI spec of a checkpointed claim re-created"
+                        );
+                        restored.push(uid.clone());
+                    }
+                }
+                Err(error) => tracing::error!(
+                    claim = %uid,
+                    %error,
+                    "re-creating the CDI spec of a checkpointed claim failed; its containers \
+                     cannot start until it is prepared again"
+                ),
+            }
+        }
+        restored
     }
 
     /// Removes what writes interrupted by a crash left in the CDI and data directories; a
@@ -1114,8 +1223,12 @@ impl Driver for NodeDriver {
 }
 
 impl Attacher for NodeDriver {
-    async fn attach(&self, request: AttachRequest) -> Result<String, String> {
+    async fn attach(&self, request: AttachRequest, requester: Requester) -> Result<String, String> {
         let mut state = self.state.lock().await;
+        // Waiting for the lock can take long (a stopped daemon, a large prepare).
+        if let Some(why) = requester.gone() {
+            return Err(format!("not attached: {why}"));
+        }
         let Some(member) = state
             .claims
             .get(&request.claim_uid)
@@ -1141,10 +1254,11 @@ impl Attacher for NodeDriver {
         let id = member_id(&request.claim_uid, &member.request);
         let pid = request.pid;
         let previous = member.attachment;
-        let (outcome, attachment) = self
+        let outcome = self
             .with_buses(move |buses| {
                 let netns = Netns::from_pid(pid).map_err(|e| e.to_string())?;
                 let current = netns.id();
+                refuse_node_namespace(pid, current)?;
                 let attachment = Attachment {
                     pid,
                     netns_dev: current.dev,
@@ -1157,7 +1271,10 @@ impl Attacher for NodeDriver {
                 let same_netns = previous
                     .is_some_and(|p| p.netns_dev == current.dev && p.netns_ino == current.ino);
                 if joined && same_netns {
-                    return Ok((format!("already attached in {current}"), attachment));
+                    return Ok(AttachOutcome::Attached(
+                        format!("already attached in {current}"),
+                        attachment,
+                    ));
                 }
                 if joined {
                     // A new sandbox: the old namespace (and the pod end with it) is gone.
@@ -1170,12 +1287,20 @@ impl Attacher for NodeDriver {
                 }
                 let spec = member.member.spec(id.clone(), NetnsRef::Pid(pid));
                 buses.join(&slot.bus, spec).map_err(|e| e.to_string())?;
+                // The hook may have given up while the member was made: then its container
+                // never runs, and nothing of the attach may stay.
+                if let Some(why) = requester.gone() {
+                    buses
+                        .leave(&slot.bus, &id)
+                        .map_err(|e| format!("{why}, and rolling the attach back failed: {e}"))?;
+                    return Ok(AttachOutcome::RolledBack(why));
+                }
                 let verb = if previous.is_some() {
                     "re-attached"
                 } else {
                     "attached"
                 };
-                Ok((
+                Ok(AttachOutcome::Attached(
                     format!(
                         "{verb} {} on bus {} in {current}",
                         member.member.interface, slot.bus
@@ -1184,21 +1309,56 @@ impl Attacher for NodeDriver {
                 ))
             })
             .await?;
+        let (message, attachment) = match outcome {
+            AttachOutcome::Attached(message, attachment) => (message, Some(attachment)),
+            AttachOutcome::RolledBack(why) => {
+                tracing::warn!(reason = %why, "attach rolled back: the hook has given up");
+                (format!("not attached: {why}"), None)
+            }
+        };
         if let Some(entry) = state.claims.get_mut(&request.claim_uid) {
             for d in entry
                 .devices
                 .iter_mut()
                 .filter(|d| d.pool == request.pool && d.device == request.device)
             {
-                d.attachment = Some(attachment);
+                d.attachment = attachment;
             }
         }
-        self.parts
-            .checkpoint
-            .save(&*state)
-            .map_err(|e| format!("member attached but the checkpoint failed: {e}"))?;
-        Ok(outcome)
+        // An old attachment the roll-back replaced is gone too: the checkpoint says so.
+        if attachment.is_some() || previous.is_some() {
+            self.parts
+                .checkpoint
+                .save(&*state)
+                .map_err(|e| format!("member attached but the checkpoint failed: {e}"))?;
+        }
+        match attachment {
+            Some(_) => Ok(message),
+            None => Err(message),
+        }
     }
+}
+
+/// What the data plane did for one attach.
+enum AttachOutcome {
+    /// The member is in the namespace: the message, and where.
+    Attached(String, Attachment),
+    /// The hook gave up while the member was made, so it was removed again: why.
+    RolledBack(String),
+}
+
+/// Refuses a target namespace that is the node's own: the daemon's (where its member host ends
+/// and tunnel links live) or that of the host's init process. A pod end there would sit among
+/// the node's links, where it could be taken for a controller or deleted as an orphan.
+fn refuse_node_namespace(pid: u32, target: NetnsId) -> Result<(), String> {
+    if node_namespaces().contains(&target) {
+        return Err(format!(
+            "hostNetwork pods cannot join a bus: pid {pid} lives in the node's network \
+             namespace {target}, where the driver keeps its own links; run the pod without \
+             hostNetwork"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

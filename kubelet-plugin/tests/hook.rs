@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use can_dra_kubelet_plugin::hook::{self, AttachRequest, Attacher};
+use can_dra_kubelet_plugin::hook::{self, AttachRequest, Attacher, Requester};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Default)]
@@ -18,13 +18,16 @@ struct RecordingAttacher {
     requests: Mutex<Vec<AttachRequest>>,
     refuse_with: Option<String>,
     delay: Option<Duration>,
+    /// What `Requester::gone` said once the delay was over.
+    gone_after_delay: Mutex<Vec<Option<String>>>,
 }
 
 impl Attacher for RecordingAttacher {
-    async fn attach(&self, request: AttachRequest) -> Result<String, String> {
+    async fn attach(&self, request: AttachRequest, requester: Requester) -> Result<String, String> {
         self.requests.lock().unwrap().push(request);
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
+            self.gone_after_delay.lock().unwrap().push(requester.gone());
         }
         match &self.refuse_with {
             Some(message) => Err(message.clone()),
@@ -91,6 +94,14 @@ fn a_valid_state_is_forwarded_and_the_hook_succeeds() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("member created"));
     let requests = daemon.attacher.requests.lock().unwrap();
+    let deadline = requests[0]
+        .deadline_unix_ms
+        .expect("the hook sends its deadline");
+    let now = hook::unix_ms(std::time::SystemTime::now());
+    assert!(
+        deadline > now && deadline <= now + hook::ATTACH_TIMEOUT.as_millis() as u64,
+        "deadline {deadline}, now {now}"
+    );
     assert_eq!(
         *requests,
         vec![AttachRequest {
@@ -99,6 +110,7 @@ fn a_valid_state_is_forwarded_and_the_hook_succeeds() {
             device: "can0-m2".into(),
             pid: 4242,
             container_id: "ctr-9".into(),
+            deadline_unix_ms: Some(deadline),
         }]
     );
 }
@@ -201,4 +213,175 @@ fn the_socket_is_private_to_root() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_stdin_that_is_never_closed_is_bounded_by_the_timeout() {
+    let daemon = daemon(RecordingAttacher::default());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_can-dra-cdi-hook"))
+        .args([
+            "--claim", "uid-1", "--pool", "node-a", "--device", "can0-m2",
+        ])
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--timeout", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The state is written, but stdin stays open (held by `stdin` until the end of the test).
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&state("4242")).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = status.expect("the hook still ran 15 s after a 2 s timeout");
+    assert!(!status.success());
+    let mut message = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut message).unwrap();
+    assert!(
+        message.contains("stdin was not closed within 2s"),
+        "{message}"
+    );
+    assert!(
+        message.contains("refusing to start the container"),
+        "{message}"
+    );
+    assert!(daemon.attacher.requests.lock().unwrap().is_empty());
+    drop(stdin);
+}
+
+#[test]
+fn the_attacher_learns_that_a_hook_gave_up() {
+    let daemon = daemon(RecordingAttacher {
+        delay: Some(Duration::from_secs(3)),
+        ..RecordingAttacher::default()
+    });
+    let output = run_hook(&daemon.socket, &state("4242"), &["--timeout", "1"]);
+    assert!(!output.status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.attacher.gone_after_delay.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the attacher never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone = daemon.attacher.gone_after_delay.lock().unwrap()[0].clone();
+    let why = gone.expect("the attacher was not told that the hook gave up");
+    assert!(why.contains("given up"), "{why}");
+}
+
+/// Sends one raw request line and returns the answer.
+fn exchange(daemon: &Daemon, line: &str) -> serde_json::Value {
+    let answer = daemon.runtime.block_on(async {
+        let mut stream = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        stream.write_all(line.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).await.unwrap();
+        line
+    });
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[test]
+fn an_expired_request_is_refused_without_attaching() {
+    let daemon = daemon(RecordingAttacher::default());
+    let past = hook::unix_ms(std::time::SystemTime::now()) - 5_000;
+    let answer = exchange(
+        &daemon,
+        &format!(
+            "{{\"claimUid\":\"uid-1\",\"pool\":\"node-a\",\"device\":\"can0-m2\",\"pid\":4242,\
+             \"containerId\":\"c\",\"deadlineUnixMs\":{past}}}\n"
+        ),
+    );
+    assert_eq!(answer["attached"], false, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline passed"),
+        "{answer}"
+    );
+    assert!(daemon.attacher.requests.lock().unwrap().is_empty());
+}
+
+#[test]
+fn control_characters_in_the_device_fields_are_refused() {
+    let daemon = daemon(RecordingAttacher::default());
+    for (field, value) in [
+        ("claimUid", "uid\\n1"),
+        ("pool", "a\\u001b[2J"),
+        ("device", "m\\r0"),
+    ] {
+        let mut request = serde_json::json!({
+            "claimUid": "uid-1", "pool": "node-a", "device": "can0-m2", "pid": 4242,
+            "containerId": "c",
+        });
+        request[field] = serde_json::from_str(&format!("\"{value}\"")).unwrap();
+        let answer = exchange(&daemon, &format!("{request}\n"));
+        assert_eq!(answer["attached"], false, "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains("control character"), "{message}");
+        assert!(!message.contains(['\n', '\r', '\u{1b}']), "{message:?}");
+    }
+    assert!(daemon.attacher.requests.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_closed_connection_counts_as_given_up() {
+    let daemon = daemon(RecordingAttacher {
+        delay: Some(Duration::from_secs(1)),
+        ..RecordingAttacher::default()
+    });
+    // No deadline (an older hook): only the closed connection tells.
+    daemon.runtime.block_on(async {
+        let mut stream = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        stream
+            .write_all(
+                b"{\"claimUid\":\"uid-1\",\"pool\":\"node-a\",\"device\":\"can0-m2\",\"pid\":4242,\"containerId\":\"c\"}\n",
+            )
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        // Half-closed: still waiting; then gone entirely.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.attacher.gone_after_delay.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the attacher never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone = daemon.attacher.gone_after_delay.lock().unwrap()[0].clone();
+    let why = gone.expect("a closed connection was not noticed");
+    assert!(why.contains("closed its connection"), "{why}");
+}
+
+#[test]
+fn a_half_closed_connection_still_waits() {
+    let daemon = daemon(RecordingAttacher {
+        delay: Some(Duration::from_millis(500)),
+        ..RecordingAttacher::default()
+    });
+    let answer = exchange(
+        &daemon,
+        "{\"claimUid\":\"uid-1\",\"pool\":\"node-a\",\"device\":\"can0-m2\",\"pid\":4242,\"containerId\":\"c\"}\n",
+    );
+    assert_eq!(answer["attached"], true, "{answer}");
+    assert_eq!(
+        *daemon.attacher.gone_after_delay.lock().unwrap(),
+        vec![None]
+    );
 }

@@ -17,7 +17,7 @@ use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::driver::{ClaimRef, Driver};
-use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher};
+use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
 use can_dra_kubelet_plugin::status::StatusWriter;
@@ -51,6 +51,7 @@ fn attach_request(uid: &str, device: &str, pid: u32) -> AttachRequest {
         device: device.into(),
         pid,
         container_id: format!("ctr-{uid}"),
+        deadline_unix_ms: None,
     }
 }
 
@@ -115,12 +116,18 @@ async fn two_pods_attached_to_one_bus_exchange_frames_and_unprepare_leaves_nothi
     // Processes standing for the pods' containers: the driver finds a namespace by pid.
     let (ctr_a, ctr_b) = (pod_a.resident().unwrap(), pod_b.resident().unwrap());
     let attached_a = driver
-        .attach(attach_request("uid-a", "body-m0", ctr_a.pid()))
+        .attach(
+            attach_request("uid-a", "body-m0", ctr_a.pid()),
+            Requester::default(),
+        )
         .await
         .unwrap();
     assert!(attached_a.contains("attached"), "{attached_a}");
     let attached_b = driver
-        .attach(attach_request("uid-b", "body-m1", ctr_b.pid()))
+        .attach(
+            attach_request("uid-b", "body-m1", ctr_b.pid()),
+            Requester::default(),
+        )
         .await
         .unwrap();
     assert!(attached_b.contains("attached"), "{attached_b}");
@@ -185,7 +192,10 @@ async fn two_pods_attached_to_one_bus_exchange_frames_and_unprepare_leaves_nothi
 
     // The hook runs again for a second container of the pod: nothing changes.
     let again = driver
-        .attach(attach_request("uid-a", "body-m0", ctr_a.pid()))
+        .attach(
+            attach_request("uid-a", "body-m0", ctr_a.pid()),
+            Requester::default(),
+        )
         .await
         .unwrap();
     assert!(again.contains("already attached"), "{again}");

@@ -10,7 +10,6 @@ mod daemon_support;
 mod kernel_support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
@@ -18,9 +17,8 @@ use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::hook::HOOK_SOCKET_NAME;
 use can_dra_kubelet_plugin::node::NodeState;
 use can_dra_proto::dra::v1::Claim;
-use can_dra_testkit::candump::{Candump, cansend};
 use daemon_support::{Daemon, NodeDirs};
-use kernel_support::{Pod, host_member_links, host_rules, run_cdi_hook};
+use kernel_support::{Pod, assert_frames_flow, host_member_links, host_rules, run_cdi_hook};
 use serde_json::json;
 
 const NODE_CONFIG: &str = "apiVersion: can.dra.dev/v1alpha1\nkind: NodeConfig\n\
@@ -39,20 +37,6 @@ fn request() -> Vec<Claim> {
             name: (*name).into(),
         })
         .collect()
-}
-
-/// Sends one frame from `from` and checks that `to` receives it exactly once.
-fn assert_one_frame(from: &Pod, to: &Pod, frame: &str, label: &str) {
-    let dump = Candump::start(&to.netns, "can0").unwrap();
-    cansend(&from.netns, "can0", frame).unwrap();
-    dump.wait_for(1, Duration::from_secs(10));
-    let frames = dump.stop().unwrap();
-    assert_eq!(frames.len(), 1, "{label}: {frame} arrived {frames:?}");
-}
-
-fn assert_frames_flow(a: &Pod, b: &Pod, label: &str) {
-    assert_one_frame(a, b, "123#DEADBEEF", label);
-    assert_one_frame(b, a, "456#0102", label);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

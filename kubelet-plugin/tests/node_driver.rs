@@ -16,7 +16,7 @@ use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
-use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher};
+use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
 use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
@@ -287,13 +287,17 @@ async fn attaching_an_unprepared_claim_is_refused() {
     let rig = rig().await;
     let refused = rig
         .driver
-        .attach(AttachRequest {
-            claim_uid: "uid-unknown".into(),
-            pool: NODE.into(),
-            device: "body-m0".into(),
-            pid: std::process::id(),
-            container_id: "ctr".into(),
-        })
+        .attach(
+            AttachRequest {
+                claim_uid: "uid-unknown".into(),
+                pool: NODE.into(),
+                device: "body-m0".into(),
+                pid: std::process::id(),
+                container_id: "ctr".into(),
+                deadline_unix_ms: None,
+            },
+            Requester::default(),
+        )
         .await
         .unwrap_err();
     assert!(refused.contains("not prepared"), "{refused}");
@@ -588,6 +592,15 @@ async fn recover_drops_an_attachment_whose_pid_lives_in_another_namespace() {
     attachment.netns_ino += 1;
     let (driver, checkpoint, before) = restarted_driver(root.path(), Some(attachment)).await;
     assert_dropped_only_attachment(&driver, &checkpoint, &before, "now lives in").await;
+}
+
+#[tokio::test]
+async fn recover_drops_an_attachment_in_the_nodes_own_namespace() {
+    // Recorded by a version that let a hostNetwork pod join: its pod end sits among the node's
+    // links. The test process stands for the node.
+    let root = tempfile::tempdir().unwrap();
+    let (driver, checkpoint, before) = restarted_driver(root.path(), Some(own_attachment())).await;
+    assert_dropped_only_attachment(&driver, &checkpoint, &before, "hostNetwork").await;
 }
 
 #[tokio::test]

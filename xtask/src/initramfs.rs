@@ -50,6 +50,9 @@ pub const GUEST_RUN_DIR: &str = "/run/xtask";
 pub const STATUS_FILE: &str = "status";
 /// The script (in the run directory) that the guest runs.
 pub const SCRIPT_FILE: &str = "run.sh";
+/// The file (in the run directory) listing, one per line, the host directories under `/tmp` or `/run` that the guest
+/// shows at their own paths over its fresh tmpfs (see [`crate::vm::hidden_roots`]).
+pub const BINDS_FILE: &str = "binds";
 /// Printed on the console right before the command starts; its arrival marks the end of boot.
 pub const READY_MARKER: &str = "xtask-init: ready";
 /// Prefix of every message `/init` prints about its own failures.
@@ -209,11 +212,22 @@ mount -t devtmpfs devtmpfs $R/dev || die "cannot mount /dev"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+# The host's /tmp and /run stay reachable (outside the new root) for the binds below.
+mkdir -p /mnt/hidden/tmp /mnt/hidden/run
+mount --bind $R/tmp /mnt/hidden/tmp || die "cannot keep the host's /tmp"
+mount --bind $R/run /mnt/hidden/run || die "cannot keep the host's /run"
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || die "cannot mount /tmp"
 mount -t tmpfs -o mode=0755 tmpfs $R/run || die "cannot mount /run"
 mkdir -p $R/run/netns $R{GUEST_RUN_DIR}
 mount -t 9p -o trans=virtio,version=9p2000.L {RUN_TAG} $R{GUEST_RUN_DIR} \
     || die "cannot mount the run directory over 9p (tag {RUN_TAG})"
+# Host directories the command needs (checkout, target dir) that live under /tmp or /run: at their own paths.
+if [ -f $R{GUEST_RUN_DIR}/{BINDS_FILE} ]; then
+    while IFS= read -r p; do
+        [ -n "$p" ] || continue
+        mkdir -p "$R$p" && mount --bind "/mnt/hidden$p" "$R$p" || die "cannot show the host's $p"
+    done <$R{GUEST_RUN_DIR}/{BINDS_FILE}
+fi
 ip link set lo up
 stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
@@ -284,7 +298,14 @@ mod tests {
             .unwrap();
         let root_mount = script.find(HOST_ROOT_TAG).unwrap();
         assert!(insmod_loop < root_mount);
+        let kept = script.find("mount --bind $R/tmp /mnt/hidden/tmp").unwrap();
+        let tmpfs = script.find("tmpfs $R/tmp").unwrap();
+        let binds = script
+            .find(&format!("<$R{GUEST_RUN_DIR}/{BINDS_FILE}"))
+            .unwrap();
+        assert!(kept < tmpfs && tmpfs < binds);
         let moved = script.find("mount --move $R /").unwrap();
+        assert!(binds < moved);
         let command = script.find("chroot . /bin/sh").unwrap();
         assert!(root_mount < moved && moved < command);
         assert!(script.contains(&format!("echo $rc >.{GUEST_RUN_DIR}/{STATUS_FILE}")));

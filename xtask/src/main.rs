@@ -15,7 +15,6 @@ mod results;
 mod suite;
 mod vm;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -163,7 +162,6 @@ fn exit_code(success: bool) -> i32 {
 /// `cargo xtask vm`: returns the command's exit status (124 on timeout, like `timeout(1)`).
 fn run_vm(args: &VmArgs) -> Result<i32> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
-    warn_if_hidden(&cwd);
     let env = args
         .env
         .iter()
@@ -178,17 +176,4 @@ fn run_vm(args: &VmArgs) -> Result<i32> {
         vm::Outcome::Exited(code) => code,
         vm::Outcome::TimedOut => 124,
     })
-}
-
-/// The guest mounts fresh tmpfs on /tmp and /run, so host files there are invisible to the command.
-fn warn_if_hidden(path: &std::path::Path) {
-    if [PathBuf::from("/tmp"), PathBuf::from("/run")]
-        .iter()
-        .any(|hidden| path.starts_with(hidden))
-    {
-        eprintln!(
-            "warning: {} is under /tmp or /run, which the VM replaces with an empty tmpfs",
-            path.display()
-        );
-    }
 }

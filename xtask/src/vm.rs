@@ -3,7 +3,8 @@
 //!
 //! Three serial ports carry the guest's streams over unix sockets: ttyS0 is the kernel console (kept off the
 //! user's output, shown on failure or with `--verbose`), ttyS1 the command's stdout and ttyS2 its stderr. The exit
-//! status comes back through a small writable 9p share, which also carries the script in.
+//! status comes back through a small writable 9p share, which also carries the script in and the list of host
+//! directories under `/tmp` or `/run` that the guest binds back over its fresh tmpfs (see [`hidden_roots`]).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -17,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::initramfs::{self, HOST_ROOT_TAG, READY_MARKER, RUN_TAG, SCRIPT_FILE, STATUS_FILE};
+use crate::initramfs::{
+    self, BINDS_FILE, GUEST_RUN_DIR, HOST_ROOT_TAG, READY_MARKER, RUN_TAG, SCRIPT_FILE, STATUS_FILE,
+};
 use crate::{kernel, prerequisites};
 
 /// How to size and bound the VM.
@@ -112,6 +115,12 @@ pub fn run(options: &Options, script: &str) -> Result<Run> {
     let share = work.path().join("share");
     std::fs::create_dir(&share)?;
     std::fs::write(share.join(SCRIPT_FILE), script)?;
+    let binds = hidden_roots(&needed_host_paths())?;
+    let mut listing: String = binds.iter().map(|p| format!("{}\n", p.display())).collect();
+    if listing.is_empty() {
+        listing.push('\n');
+    }
+    std::fs::write(share.join(BINDS_FILE), listing)?;
 
     let console_sock = work.path().join("console.sock");
     let stdout_sock = work.path().join("stdout.sock");
@@ -217,6 +226,65 @@ pub fn run(options: &Options, script: &str) -> Result<Run> {
             tail_text()
         ),
     }
+}
+
+/// The directories the guest mounts a fresh tmpfs on; host files below them are hidden unless bound back.
+const GUEST_TMPFS: &[&str] = &["/tmp", "/run"];
+
+/// The host paths a guest command may need: the working directory, this checkout, the target directory (where
+/// xtask itself and the test executables live) and the cargo home.
+fn needed_host_paths() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    paths.extend(std::env::current_dir().ok());
+    paths.extend(std::env::current_exe().ok());
+    paths.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    for variable in ["CARGO_TARGET_DIR", "CARGO_HOME"] {
+        if let Some(value) = std::env::var_os(variable) {
+            let path = PathBuf::from(value);
+            paths.push(path.canonicalize().unwrap_or(path));
+        }
+    }
+    paths
+}
+
+/// Of `paths`, those under a directory the guest hides behind a tmpfs (`/tmp`, `/run`), reduced to the directory
+/// right below it (`/tmp/x/target/debug/t` gives `/tmp/x`), each once, sorted. The guest binds the host's copy of
+/// each at the same path over its tmpfs, so a checkout or target dir under `/tmp` works. Directories the guest
+/// uses itself (`/run/netns`, the run directory) cannot be bound, nor names with a newline.
+pub fn hidden_roots(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut roots = Vec::new();
+    for path in paths {
+        let Some((hidden, rest)) = GUEST_TMPFS.iter().find_map(|dir| {
+            path.strip_prefix(dir)
+                .ok()
+                .map(|rest| (Path::new(dir), rest))
+        }) else {
+            continue;
+        };
+        // `/tmp` itself: nothing of it can be shown without hiding the guest's own tmpfs.
+        let Some(std::path::Component::Normal(first)) = rest.components().next() else {
+            continue;
+        };
+        let root = hidden.join(first);
+        let text = root.to_string_lossy();
+        if text.contains('\n') {
+            bail!(
+                "{} has a newline in its name; the VM cannot show it",
+                path.display()
+            );
+        }
+        if root == Path::new("/run/netns") || Path::new(GUEST_RUN_DIR).starts_with(&root) {
+            bail!(
+                "{} is under {}, which the VM uses itself; move it elsewhere",
+                path.display(),
+                root.display()
+            );
+        }
+        roots.push(root);
+    }
+    roots.sort();
+    roots.dedup();
+    Ok(roots)
 }
 
 /// Builds the script that runs `argv` in `cwd` with `env` (plus the passthrough variables, PATH and HOME).
@@ -476,6 +544,40 @@ mod tests {
             guest_path("/root/.cargo/bin:/usr/bin:/bin"),
             "/root/.cargo/bin:/usr/bin:/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/sbin"
         );
+    }
+
+    #[test]
+    fn paths_under_the_guest_tmpfs_are_bound_by_their_top_directory() {
+        let paths: Vec<PathBuf> = [
+            "/tmp/x/target/debug/deps/kernel_attach-0123",
+            "/tmp/x",
+            "/tmp/y/target",
+            "/run/user/1000/checkout",
+            "/home/me/can-dra",
+            "/tmp",
+            "/tmpfoo/bar",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(
+            hidden_roots(&paths).unwrap(),
+            [
+                PathBuf::from("/run/user"),
+                PathBuf::from("/tmp/x"),
+                PathBuf::from("/tmp/y")
+            ]
+        );
+        assert!(
+            hidden_roots(&[PathBuf::from("/home/me")])
+                .unwrap()
+                .is_empty()
+        );
+        for reserved in ["/run/netns/x", "/run/xtask/y"] {
+            let error = hidden_roots(&[PathBuf::from(reserved)]).unwrap_err();
+            assert!(error.to_string().contains("uses itself"), "{error}");
+        }
+        assert!(hidden_roots(&[PathBuf::from("/tmp/a\nb/c")]).is_err());
     }
 
     #[test]

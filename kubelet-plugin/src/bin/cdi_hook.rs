@@ -3,15 +3,18 @@
 //! It reads the OCI state of the new container on stdin and asks the node daemon to attach
 //! the claim's CAN member inside the container's network namespace. It fails closed: any
 //! problem is a non-zero exit with a message, so the runtime does not start the container
-//! without its bus.
+//! without its bus. `--timeout` bounds the whole run, reading stdin included, and the daemon is
+//! told the deadline so that it never completes an attach the hook has given up on.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 
-use can_dra_kubelet_plugin::hook::{self, AttachRequest, HookError, OciState};
+use can_dra_kubelet_plugin::hook::{self, AttachRequest, HookError, OciState, escape_controls};
 
 /// Attach a can-dra bus member to the container described by the OCI state on stdin.
 #[derive(Debug, Parser)]
@@ -37,7 +40,7 @@ struct HookArgs {
     )]
     socket: PathBuf,
 
-    /// Seconds to wait for the daemon.
+    /// Seconds the whole run may take: reading the OCI state and waiting for the daemon.
     #[arg(long, default_value_t = hook::ATTACH_TIMEOUT.as_secs())]
     timeout: u64,
 }
@@ -50,15 +53,20 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(message) => {
             eprintln!(
-                "can-dra: claim {} device {}: {message}",
-                args.claim, args.device
+                "can-dra: claim {} device {}: {}",
+                escape_controls(&args.claim),
+                escape_controls(&args.device),
+                escape_controls(&message)
             );
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!(
-                "can-dra: claim {} device {}/{}: {error}; refusing to start the container without its CAN bus",
-                args.claim, args.pool, args.device
+                "can-dra: claim {} device {}/{}: {}; refusing to start the container without its CAN bus",
+                escape_controls(&args.claim),
+                escape_controls(&args.pool),
+                escape_controls(&args.device),
+                escape_controls(&error.to_string())
             );
             ExitCode::FAILURE
         }
@@ -66,8 +74,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &HookArgs) -> Result<String, HookError> {
-    let mut state = Vec::new();
-    std::io::stdin().take(MAX_STATE).read_to_end(&mut state)?;
+    let timeout = Duration::from_secs(args.timeout);
+    let started = Instant::now();
+    let deadline = SystemTime::now() + timeout;
+    let state = read_state(timeout)?;
     let state = OciState::parse(&state)?;
     let request = AttachRequest {
         claim_uid: args.claim.clone(),
@@ -75,11 +85,39 @@ fn run(args: &HookArgs) -> Result<String, HookError> {
         device: args.device.clone(),
         pid: state.process_id()?,
         container_id: state.id.clone(),
+        deadline_unix_ms: Some(hook::unix_ms(deadline)),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let timeout = std::time::Duration::from_secs(args.timeout);
-    let response = runtime.block_on(hook::request_attach(&args.socket, &request, timeout))?;
+    let left = timeout.saturating_sub(started.elapsed());
+    let response = runtime
+        .block_on(hook::request_attach(&args.socket, &request, left))
+        .map_err(|error| match error {
+            // Name the whole budget, not what was left of it.
+            HookError::Timeout(_) => HookError::Timeout(timeout),
+            other => other,
+        })?;
     Ok(response.message)
+}
+
+/// Reads the OCI state from stdin, within `timeout`: a runtime writes it and closes stdin, and
+/// a stdin that is never closed must not keep the hook (and the container start) waiting.
+fn read_state(timeout: Duration) -> Result<Vec<u8>, HookError> {
+    let (sender, receiver) = mpsc::channel();
+    // The reader is left blocked when the time runs out; the process exits right after.
+    std::thread::spawn(move || {
+        let mut state = Vec::new();
+        let read = std::io::stdin()
+            .take(MAX_STATE)
+            .read_to_end(&mut state)
+            .map(|_| state);
+        let _ = sender.send(read);
+    });
+    match receiver.recv_timeout(timeout) {
+        Ok(read) => Ok(read?),
+        Err(_) => Err(HookError::InvalidState(format!(
+            "stdin was not closed within {timeout:?}; an OCI runtime writes the state and closes it"
+        ))),
+    }
 }

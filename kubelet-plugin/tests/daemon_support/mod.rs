@@ -168,3 +168,15 @@ pub fn temporary_files(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// Every file in `dir` (a CDI directory) with its text, by name.
+pub fn cdi_files(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(entry.path()).unwrap())
+        })
+        .collect()
+}

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use can_dra_testkit::candump::{Candump, cansend};
 use can_dra_testkit::namespace::{Host, TestNetns};
 use can_dra_testkit::observe::{cangw_rules, links_in};
 
@@ -62,6 +63,16 @@ impl Drop for Pod {
 /// with the OCI state of a container whose process is `pid` on stdin; the spec must name the
 /// daemon's hook socket `socket`. Returns whether it succeeded and its stderr.
 pub fn run_cdi_hook(spec_path: &Path, socket: &Path, pid: u32) -> (bool, String) {
+    run_cdi_hook_with(spec_path, socket, pid, &[])
+}
+
+/// [`run_cdi_hook`] with `extra` arguments after the spec's own (say `--timeout 3`).
+pub fn run_cdi_hook_with(
+    spec_path: &Path,
+    socket: &Path,
+    pid: u32,
+    extra: &[&str],
+) -> (bool, String) {
     let spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spec_path).unwrap()).unwrap();
     let hook = &spec["devices"][0]["containerEdits"]["hooks"][0];
@@ -81,6 +92,7 @@ pub fn run_cdi_hook(spec_path: &Path, socket: &Path, pid: u32) -> (bool, String)
     );
     let mut child = Command::new(hook["path"].as_str().unwrap())
         .args(&args)
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -119,4 +131,19 @@ pub fn host_member_links() -> Vec<String> {
         .map(|link| link.name)
         .filter(|name| name.starts_with(can_dra_dataplane::bus::naming::HOST_PREFIX))
         .collect()
+}
+
+/// Sends one frame from `from`'s `can0` and checks that `to`'s `can0` receives it exactly once.
+pub fn assert_one_frame(from: &Pod, to: &Pod, frame: &str, label: &str) {
+    let dump = Candump::start(&to.netns, "can0").unwrap();
+    cansend(&from.netns, "can0", frame).unwrap();
+    dump.wait_for(1, Duration::from_secs(10));
+    let frames = dump.stop().unwrap();
+    assert_eq!(frames.len(), 1, "{label}: {frame} arrived {frames:?}");
+}
+
+/// One frame each way between the `can0` of two pods, each arriving exactly once.
+pub fn assert_frames_flow(a: &Pod, b: &Pod, label: &str) {
+    assert_one_frame(a, b, "123#DEADBEEF", label);
+    assert_one_frame(b, a, "456#0102", label);
 }

@@ -34,6 +34,10 @@ whole document. Call with the root context.
         !(p.interfaceName in ['.', '..', 'lo'])))
       message: "can.dra.dev parameters: interfaceName must be 1 to 15 printable ASCII characters without '/', ':', '%' or whitespace, and not '.', '..' or 'lo'"
     - expression: >-
+        variables.params.all(p, !has(p.interfaceName) || type(p.interfaceName) != string ||
+        ['cdra', 'vxtm-', 'vxtt-'].all(r, !p.interfaceName.startsWith(r)))
+      message: "can.dra.dev parameters: interfaceName must not start with cdra, vxtm- or vxtt-, which the driver reserves for its own links"
+    - expression: >-
         variables.params.all(p, !has(p.access) || p.access in ['readWrite', 'listenOnly'])
       message: "can.dra.dev parameters: access must be readWrite or listenOnly"
     - expression: >-
@@ -86,6 +90,10 @@ whole document. Call with the root context.
         (type(d.jitter) != string || d.jitter == '0' || (type(d.delay) == string && d.delay != '0' &&
         duration(d.jitter) <= duration(d.delay)))))
       message: "can.dra.dev parameters: shaping jitter requires delay and must not exceed it"
+    - expression: >-
+        variables.directions.all(d, !has(d.jitter) || type(d.jitter) != string || d.jitter == '0' ||
+        duration(d.jitter) <= duration('2147483647ns'))
+      message: "can.dra.dev parameters: shaping jitter must be at most 2.147483647s (netem's limit)"
     - expression: >-
         variables.directions.all(d, ['loss', 'duplicate'].all(f, !(f in d) ||
         (type(d[f]) == string && d[f].matches('^0*(100(\\.0+)?|[0-9]{1,2}(\\.[0-9]{1,4}0*)?)%$'))))
