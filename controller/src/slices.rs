@@ -6,10 +6,13 @@
 //! split into slices of at most [`MAX_DEVICES_PER_SLICE`]. Every slice has an owner reference to
 //! the bus, so the garbage collector removes them when the bus goes.
 //!
-//! The publisher follows the node daemon's conventions: it lists the pool's slices (field
-//! selectors `spec.driver` and `spec.pool.name`), writes nothing when they already say what is
-//! desired, and otherwise bumps `pool.generation` past the highest one seen, deletes obsolete
-//! slices first and creates or updates (with the listed `resourceVersion`) the rest.
+//! The publisher follows the node daemon's conventions: it lists the pool's slices, writes nothing
+//! when they already say what is desired, and otherwise bumps `pool.generation` past the highest
+//! one seen, deletes obsolete slices first and creates or updates (with the listed
+//! `resourceVersion`) the rest. kube-apiserver lets a ResourceSlice list select on
+//! `metadata.name`, `spec.nodeName` and `spec.driver` only, so the pool's slices are the driver's
+//! slices without a node (field selector `spec.driver=<driver>,spec.nodeName=`) whose
+//! `spec.pool.name` is the pool's, picked here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -100,6 +103,19 @@ pub fn pool_name(bus: &str) -> String {
     } else {
         format!("{POOL_PREFIX}{:08x}", fnv1a32(bus))
     }
+}
+
+/// The field selector of `driver`'s slices that belong to no single node, where bus pools live:
+/// `spec.driver=<driver>,spec.nodeName=` (an absent node name selects as empty). kube-apiserver
+/// accepts only `metadata.name`, `spec.nodeName` and `spec.driver` for ResourceSlices, so a pool
+/// is picked from these by `spec.pool.name` on the client.
+///
+/// ```
+/// use can_dra_controller::slices::bus_pools_selector;
+/// assert_eq!(bus_pools_selector("can.dra.dev"), "spec.driver=can.dra.dev,spec.nodeName=");
+/// ```
+pub fn bus_pools_selector(driver: &str) -> String {
+    format!("spec.driver={driver},spec.nodeName=")
 }
 
 /// The name of slice `index` of bus `bus`: `canbus-<bus>-<driver>-<index>`, or
@@ -369,7 +385,11 @@ impl BusSlicePublisher {
         api: &Api<ResourceSlice>,
         pool: &str,
     ) -> Result<Vec<ResourceSlice>, SliceError> {
-        let selector = format!("spec.driver={},spec.pool.name={pool}", self.driver);
+        // kube-apiserver refuses `spec.pool.name` as a field label (400): select the driver's
+        // slices without a node name (bus pools are never node-local; an empty `spec.nodeName`
+        // selects exactly those) and pick the pool's here by `spec.pool.name`, the one identity
+        // every slice of the pool carries whatever the bus name's length (`docs/controller.md`).
+        let selector = bus_pools_selector(&self.driver);
         let listed = api
             .list(&ListParams::default().fields(&selector))
             .await
@@ -377,7 +397,6 @@ impl BusSlicePublisher {
                 pool: pool.to_owned(),
                 source,
             })?;
-        // Filter again: correctness must not hinge on the server honouring the selector.
         Ok(listed
             .items
             .into_iter()

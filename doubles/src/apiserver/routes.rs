@@ -291,12 +291,13 @@ fn ok(value: Value) -> Outcome {
     Ok(Answer::Object(StatusCode::OK, value))
 }
 
-/// The fields a list or watch of `resource` may select on.
-fn selectable(resource: &str) -> &'static [&'static str] {
+/// The field labels a list or watch of `resource` may select on.
+fn selectable(resource: &str) -> &'static store::FieldLabels {
     match resource {
-        "resourceslices" => store::SLICE_SELECTABLE,
-        "resourceclaims" => &["metadata.name", "metadata.namespace"],
-        other => documents::kind_of(other).map_or(&["metadata.name"], |k| k.selectable),
+        "nodes" => &store::NODE_FIELDS,
+        "resourceslices" => &store::SLICE_FIELDS,
+        "resourceclaims" => &store::META_FIELDS,
+        other => documents::kind_of(other).map_or(&store::META_FIELDS, |k| k.selectable),
     }
 }
 
@@ -380,7 +381,7 @@ fn serve(
             request.reject_labels()?;
             let terms = store::parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
-                &["metadata.name"],
+                selectable("nodes"),
             )?;
             let nodes = store.list_nodes(&terms);
             ok(list(store, &nodes))
@@ -407,7 +408,7 @@ fn serve(
             request.reject_labels()?;
             let terms = store::parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
-                store::SLICE_SELECTABLE,
+                selectable("resourceslices"),
             )?;
             let slices = store.list_slices(&terms);
             ok(list(store, &slices))

@@ -346,7 +346,7 @@ mod watching {
 
     const WAIT: Duration = Duration::from_secs(5);
 
-    fn canbuses(client: Client) -> Api<DynamicObject> {
+    pub(super) fn canbuses(client: Client) -> Api<DynamicObject> {
         let resource = ApiResource {
             group: "can.dra.dev".into(),
             version: "v1alpha1".into(),
@@ -645,5 +645,165 @@ mod watching {
             [Some("replica-a".to_owned()), Some("replica-b".to_owned())]
         );
         assert!(server.requests()[0].is_from("replica-a"));
+    }
+}
+
+/// Field selectors: kube-apiserver converts each label with the resource's field label conversion
+/// and answers 400 with its message for any other; the double does the same for every resource.
+mod field_selectors {
+    use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+    use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+    use kube::api::{DynamicObject, ListParams, ObjectMeta, WatchParams};
+    use kube::{Api, Client};
+
+    use super::watching::canbuses;
+    use super::{slice, start, status_code};
+
+    fn message(err: kube::Error) -> (u16, String, String) {
+        match err {
+            kube::Error::Api(status) => (status.code, status.reason, status.message),
+            other => panic!("not an API error: {other:?}"),
+        }
+    }
+
+    async fn refused<K>(api: &Api<K>, selector: &str) -> (u16, String, String)
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        message(
+            api.list(&ListParams::default().fields(selector))
+                .await
+                .expect_err("the selector is refused"),
+        )
+    }
+
+    fn bad_request(text: &str) -> (u16, String, String) {
+        (400, "BadRequest".into(), text.into())
+    }
+
+    #[tokio::test]
+    async fn slices_select_on_name_node_and_driver_only() {
+        let (server, client) = start().await;
+        server.insert_slice(slice("a", "n1"));
+        let api: Api<ResourceSlice> = Api::all(client);
+        for selector in [
+            "metadata.name=a",
+            "spec.nodeName=n1",
+            "spec.driver=can.dra.dev",
+        ] {
+            let listed = api.list(&ListParams::default().fields(selector)).await;
+            assert_eq!(listed.unwrap().items.len(), 1, "{selector}");
+        }
+        // What the controller used to ask for: refused by kube-apiserver.
+        assert_eq!(
+            refused(&api, "spec.driver=can.dra.dev,spec.pool.name=canbus/x").await,
+            bad_request(
+                "field label not supported for resource.k8s.io/v1, Kind=ResourceSlice: spec.pool.name"
+            )
+        );
+        // A watch converts the labels the same way.
+        let Err(err) = api
+            .watch(&WatchParams::default().fields("spec.pool.name=x"), "0")
+            .await
+        else {
+            panic!("the watch is refused");
+        };
+        assert_eq!(status_code(err).0, 400);
+    }
+
+    #[tokio::test]
+    async fn claims_select_on_name_and_namespace_only() {
+        let (_server, client) = start().await;
+        let claims: Api<ResourceClaim> = Api::all(client);
+        assert!(
+            claims
+                .list(&ListParams::default().fields("metadata.namespace=default"))
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            refused(&claims, "status.allocation=x").await,
+            bad_request(
+                r#""status.allocation" is not a known field selector: only "metadata.name", "metadata.namespace""#
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn pods_and_nodes_select_on_their_core_v1_labels() {
+        let (server, client) = start().await;
+        let pod = |name: &str, node: &str| Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        server.insert_pod(pod("p1", "node-a")).unwrap();
+        server.insert_pod(pod("p2", "node-b")).unwrap();
+        let pods: Api<Pod> = Api::all(client.clone());
+        // `spec.host` is the old name of `spec.nodeName`; `spec.hostNetwork` defaults to false.
+        for selector in [
+            "spec.host=node-a",
+            "spec.nodeName=node-a,spec.hostNetwork=false",
+        ] {
+            let listed = pods.list(&ListParams::default().fields(selector)).await;
+            assert_eq!(listed.unwrap().items.len(), 1, "{selector}");
+        }
+        assert_eq!(
+            refused(&pods, "spec.priority=1").await,
+            bad_request("field label not supported: spec.priority")
+        );
+        server.insert_node(Node {
+            metadata: ObjectMeta {
+                name: Some("cordoned".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(true),
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        });
+        server.insert_node(Node {
+            metadata: ObjectMeta {
+                name: Some("open".into()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        });
+        let nodes: Api<Node> = Api::all(client);
+        let open = nodes
+            .list(&ListParams::default().fields("spec.unschedulable=false"))
+            .await
+            .unwrap();
+        let names: Vec<_> = open.items.iter().map(|n| n.metadata.name.clone()).collect();
+        assert_eq!(names, [Some("open".to_owned())]);
+        assert_eq!(
+            refused(&nodes, "spec.nodeName=x").await,
+            bad_request("field label not supported: spec.nodeName")
+        );
+    }
+
+    #[tokio::test]
+    async fn cluster_scoped_custom_resources_select_on_their_name_only() {
+        let (_server, client): (_, Client) = start().await;
+        let buses: Api<DynamicObject> = canbuses(client);
+        assert!(
+            buses
+                .list(&ListParams::default().fields("metadata.name=bus"))
+                .await
+                .is_ok()
+        );
+        for label in ["metadata.namespace", "spec.bitrate"] {
+            assert_eq!(
+                refused(&buses, &format!("{label}=x")).await,
+                bad_request(&format!("field label not supported: {label}"))
+            );
+        }
     }
 }
