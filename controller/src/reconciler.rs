@@ -203,6 +203,14 @@ pub async fn reconcile(bus: Arc<CanBus>, ctx: Arc<Context>) -> Result<Action, Re
             reason: "InvalidSpec",
             message: source.to_string(),
         }),
+        (Err(error @ SliceError::NameTooLong { .. }), _) => Some(Problem {
+            reason: "InvalidName",
+            message: error.to_string(),
+        }),
+        (Err(error @ SliceError::Unpublishable { .. }), _) => Some(Problem {
+            reason: "Unpublishable",
+            message: error.to_string(),
+        }),
         (_, Err(conflict)) => Some(Problem {
             reason: "TunnelPortConflict",
             message: conflict.to_string(),
@@ -227,8 +235,13 @@ pub async fn reconcile(bus: Arc<CanBus>, ctx: Arc<Context>) -> Result<Action, Re
             tunnel_port = ?desired.tunnel_port, "wrote the bus status");
     }
     match published {
-        // A spec error is reported in the status; retrying cannot fix it, a spec change will.
-        Ok(_) | Err(SliceError::Spec { .. }) => Ok(Action::requeue(ctx.resync)),
+        // Reported in the status (and logged); retrying the same bus cannot fix it, a change of
+        // the bus will, and every change reconciles it.
+        Err(error) if error.needs_bus_change() => {
+            tracing::warn!(bus = %name, %error, "the bus cannot be published until it changes");
+            Ok(Action::requeue(ctx.resync))
+        }
+        Ok(_) => Ok(Action::requeue(ctx.resync)),
         Err(error) => Err(error.into()),
     }
 }

@@ -24,10 +24,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::canbus::{CanBus, SpecError};
+use crate::canbus::{CanBus, MAX_NAME_BYTES, NAME_TOO_LONG, SpecError};
 
 /// The API allows at most this many devices per slice.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
+
+/// The API allows at most this many attributes and capacities together on one device
+/// (`pkg/apis/resource/validation/validation.go`, `ResourceSliceMaxAttributesAndCapacitiesPerDevice`).
+const MAX_ATTRIBUTES_AND_CAPACITIES: usize = 32;
+
+/// The API allows string and version attribute values of at most this many bytes
+/// (`DeviceAttributeMaxValueLength`).
+const MAX_ATTRIBUTE_VALUE_BYTES: usize = 64;
 
 /// How many times a sync starts over after a conflicting write before giving up.
 const SYNC_ATTEMPTS: usize = 3;
@@ -49,6 +57,25 @@ pub enum SliceError {
         /// What is wrong.
         #[source]
         source: SpecError,
+    },
+    /// The bus's name is too long to be its devices' `bus` attribute (a bus admitted before the
+    /// CRD's rule, or by a CRD without it): the API server would refuse every slice.
+    #[error("CanBus {bus}: {NAME_TOO_LONG}")]
+    NameTooLong {
+        /// The bus name.
+        bus: String,
+    },
+    /// A desired slice breaks another limit the API server enforces; it is not sent.
+    #[error("CanBus {bus}: ResourceSlice {slice}: {field}: {reason}")]
+    Unpublishable {
+        /// The bus name.
+        bus: String,
+        /// The slice name.
+        slice: String,
+        /// The offending field, e.g. `spec.devices[0].attributes[bus].string`.
+        field: String,
+        /// The limit it breaks.
+        reason: String,
     },
     /// The bus has no name or uid (it was not read from the API server).
     #[error("CanBus has no {0}; only stored objects can own slices")]
@@ -76,6 +103,15 @@ pub enum SliceError {
 }
 
 impl SliceError {
+    /// Whether only a change of the bus can fix it: retrying the same bus writes the same refused
+    /// slices, so it is reported in the status instead.
+    pub fn needs_bus_change(&self) -> bool {
+        matches!(
+            self,
+            Self::Spec { .. } | Self::NameTooLong { .. } | Self::Unpublishable { .. }
+        )
+    }
+
     /// Whether a fresh list may fix it (someone else changed the slices meanwhile).
     fn is_race(&self) -> bool {
         matches!(self, Self::Write { source: kube::Error::Api(status), .. }
@@ -201,6 +237,9 @@ pub fn desired_slices(
         .name
         .clone()
         .ok_or(SliceError::Unstored("name"))?;
+    if name.len() > MAX_NAME_BYTES {
+        return Err(SliceError::NameTooLong { bus: name });
+    }
     let uid = bus.meta().uid.clone().ok_or(SliceError::Unstored("uid"))?;
     let devices = member_devices(bus)?;
     let owner = OwnerReference {
@@ -216,7 +255,7 @@ pub fn desired_slices(
     };
     let chunks: Vec<&[Device]> = devices.chunks(MAX_DEVICES_PER_SLICE).collect();
     let count = i64::try_from(chunks.len()).unwrap_or(i64::MAX);
-    Ok(chunks
+    let slices: Vec<ResourceSlice> = chunks
         .into_iter()
         .enumerate()
         .map(|(index, chunk)| ResourceSlice {
@@ -238,7 +277,52 @@ pub fn desired_slices(
                 ..ResourceSliceSpec::default()
             },
         })
-        .collect())
+        .collect();
+    for slice in &slices {
+        check_limits(&name, slice)?;
+    }
+    Ok(slices)
+}
+
+/// Checks the limits kube-apiserver enforces on what a bus controls (the attribute values and
+/// counts of its devices), so a slice it would refuse is reported rather than sent again and
+/// again (`pkg/apis/resource/validation/validation.go` `validateDevice`).
+fn check_limits(bus: &str, slice: &ResourceSlice) -> Result<(), SliceError> {
+    let refused = |field: String, reason: String| SliceError::Unpublishable {
+        bus: bus.to_owned(),
+        slice: slice.name_any(),
+        field,
+        reason,
+    };
+    for (i, device) in slice.spec.devices.iter().flatten().enumerate() {
+        let attributes = device.attributes.as_ref();
+        let total =
+            attributes.map_or(0, BTreeMap::len) + device.capacity.as_ref().map_or(0, BTreeMap::len);
+        if total > MAX_ATTRIBUTES_AND_CAPACITIES {
+            return Err(refused(
+                format!("spec.devices[{i}]"),
+                format!(
+                    "{total} attributes and capacities, at most {MAX_ATTRIBUTES_AND_CAPACITIES}"
+                ),
+            ));
+        }
+        for (key, attribute) in attributes.into_iter().flatten() {
+            for (kind, value) in [
+                ("string", &attribute.string),
+                ("version", &attribute.version),
+            ] {
+                if let Some(value) = value
+                    && value.len() > MAX_ATTRIBUTE_VALUE_BYTES
+                {
+                    return Err(refused(
+                        format!("spec.devices[{i}].attributes[{key}].{kind}"),
+                        format!("{} bytes, at most {MAX_ATTRIBUTE_VALUE_BYTES}", value.len()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `existing` already says what `desired` says (ignoring server-set metadata).
