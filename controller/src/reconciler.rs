@@ -6,6 +6,7 @@
 //! writes a status computed from an empty view.
 
 use std::collections::BTreeMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::WriterDropped;
+use kube::runtime::reflector::{Lookup, Store};
 use kube::{Api, Client, ResourceExt};
 
 use crate::canbus::CanBus;
@@ -69,7 +71,7 @@ impl std::fmt::Debug for Context {
 /// The reflector stores a [`Context`] reads.
 #[derive(Clone, Debug)]
 pub struct Stores {
-    /// The CanBuses (the controller's own store).
+    /// The CanBuses (the store of the kube-runtime `Controller` that drives the reconciles).
     pub buses: Store<CanBus>,
     /// The ResourceClaims.
     pub claims: Store<ResourceClaim>,
@@ -115,9 +117,9 @@ impl Context {
 
     async fn wait_until_ready(&self) -> Result<(), ReconcileError> {
         let ready = |r: Result<(), _>, what| r.map_err(|_| ReconcileError::NotReady(what));
-        ready(self.claims.wait_until_ready().await, "ResourceClaim")?;
-        ready(self.pods.wait_until_ready().await, "Pod")?;
-        ready(self.nodes.wait_until_ready().await, "Node")
+        ready(store_ready(&self.claims).await, "ResourceClaim")?;
+        ready(store_ready(&self.pods).await, "Pod")?;
+        ready(store_ready(&self.nodes).await, "Node")
     }
 
     /// Settles the tunnel port of `bus`, remembering one it assigned.
@@ -174,6 +176,25 @@ impl Context {
             endpoints,
             tunnel_port: port,
             problem: None,
+        }
+    }
+}
+
+/// How often a task waiting for a store polls its readiness again (see [`store_ready`]).
+const READY_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until `store` holds a first full list. Unlike `Store::wait_until_ready` alone, this
+/// works with several waiters at once: kube-runtime 5 wakes only the last task that waited (its
+/// one-shot channel keeps one waker), and the Controller waits on its own store, as concurrent
+/// reconciles wait on the others. Polling again registers the waiter anew.
+pub async fn store_ready<K>(store: &Store<K>) -> Result<(), WriterDropped>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    loop {
+        if let Ok(outcome) = tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            return outcome;
         }
     }
 }
