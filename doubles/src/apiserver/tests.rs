@@ -1025,3 +1025,172 @@ mod kube_runtime {
         assert!(ready(&reader).await);
     }
 }
+
+/// The validation rules of `validate.rs`, each shown to bite over HTTP with the field path
+/// kube-apiserver names.
+mod validation_rules {
+    use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+    use kube::Api;
+    use kube::api::{Patch, PatchParams, PostParams};
+    use serde_json::{Value, json};
+
+    use super::{slice_json, start};
+
+    /// The 422's message, or "" when the request was accepted.
+    fn refusal(outcome: kube::Result<impl Sized>) -> String {
+        match outcome {
+            Ok(_) => String::new(),
+            Err(kube::Error::Api(status)) => {
+                assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+                status.message
+            }
+            Err(other) => panic!("not an API error: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn slice_devices_break_no_attribute_rule() {
+        let (_server, client) = start().await;
+        let api: Api<ResourceSlice> = Api::all(client);
+        let create = |device: Value| {
+            let api = api.clone();
+            async move {
+                let slice: ResourceSlice =
+                    serde_json::from_value(slice_json("s1", "n1", json!([device]))).unwrap();
+                // Each accepted slice is deleted again, so the next case can be created.
+                let _ = api.delete("s1", &Default::default()).await;
+                let outcome = refusal(api.create(&PostParams::default(), &slice).await);
+                let _ = api.delete("s1", &Default::default()).await;
+                outcome
+            }
+        };
+        // A 64-byte string is fine; 65 bytes (here 33 two-byte characters: bytes count, not
+        // characters) is refused.
+        let ok = create(json!({"name": "d0", "attributes": {"bus": {"string": "b".repeat(64)}}}));
+        assert_eq!(ok.await, "");
+        let message =
+            create(json!({"name": "d0", "attributes": {"bus": {"string": "é".repeat(33)}}})).await;
+        assert!(
+            message.ends_with(
+                "spec.devices[0].attributes[bus].string: Too long: may not be more than 64 bytes"
+            ),
+            "{message}"
+        );
+        let message = create(json!({"name": "d0", "attributes": {"fw": {"version": "1.2"}}})).await;
+        assert!(
+            message.contains("spec.devices[0].attributes[fw].version: Invalid value")
+                && message.contains("semver"),
+            "{message}"
+        );
+        let message =
+            create(json!({"name": "d0", "capacity": {"data-rate": {"value": "1"}}})).await;
+        assert!(
+            message.contains("spec.devices[0].capacity[data-rate]: Invalid value"),
+            "{message}"
+        );
+        let message =
+            create(json!({"name": "d0", "attributes": {"can.dra.dev/x-y": {"int": 1}}})).await;
+        assert!(
+            message.contains("spec.devices[0].attributes[can.dra.dev/x-y]"),
+            "{message}"
+        );
+        let attributes: serde_json::Map<String, Value> = (0..20)
+            .map(|i| (format!("a{i}"), json!({"int": i})))
+            .collect();
+        let capacity: serde_json::Map<String, Value> = (0..13)
+            .map(|i| (format!("c{i}"), json!({"value": "1"})))
+            .collect();
+        let message =
+            create(json!({"name": "d0", "attributes": attributes, "capacity": capacity})).await;
+        assert!(
+            message.ends_with(
+                "spec.devices[0]: Invalid value: 33: the total number of attributes and capacities must not exceed 32"
+            ),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn claim_status_entries_break_no_device_status_rule() {
+        let (server, client) = start().await;
+        let claim: ResourceClaim = serde_json::from_value(json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {},
+            "status": {"allocation": {"devices": {"results": [
+                {"request": "a", "driver": "can.dra.dev", "pool": "n1", "device": "can0-m0"},
+            ]}}},
+        }))
+        .unwrap();
+        server.insert_claim(claim);
+        let api: Api<ResourceClaim> = Api::namespaced(client, "ns");
+        let apply = |fields: Value| {
+            let api = api.clone();
+            async move {
+                let mut entry = json!({"driver": "can.dra.dev", "pool": "n1", "device": "can0-m0"});
+                if let (Some(entry), Some(fields)) = (entry.as_object_mut(), fields.as_object()) {
+                    entry.extend(fields.clone());
+                }
+                let body = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                                  "metadata": {"name": "c"}, "status": {"devices": [entry]}});
+                refusal(
+                    api.patch_status("c", &PatchParams::apply("daemon"), &Patch::Apply(body))
+                        .await,
+                )
+            }
+        };
+        let condition = |reason: &str| {
+            json!({"type": "Ready", "status": "True", "reason": reason, "message": "",
+                   "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        };
+        // A valid entry with a condition, an address and a MAC is accepted.
+        let good = apply(json!({
+            "conditions": [condition("Joined")],
+            "networkData": {"interfaceName": "can0", "ips": ["10.9.8.7/24", "2001:db8::1/64"],
+                            "hardwareAddress": "00:11:22:33:44:55"},
+        }));
+        assert_eq!(good.await, "");
+        let cases = [
+            (
+                json!({"device": "can0-m9"}),
+                "status.devices[0]: Invalid value",
+            ),
+            (
+                json!({"conditions": [condition("not joined")]}),
+                "status.devices[0].conditions[0].reason: Invalid value",
+            ),
+            (
+                json!({"conditions": [condition("Joined"), condition("Again")]}),
+                "status.devices[0].conditions[1].type: Duplicate value",
+            ),
+            (
+                json!({"conditions": (0..9).map(|i| {
+                    let mut c = condition("Joined");
+                    c["type"] = json!(format!("T{i}"));
+                    c
+                }).collect::<Vec<_>>()}),
+                "status.devices[0].conditions: Too many: 9: must have at most 8 items",
+            ),
+            (
+                json!({"networkData": {"interfaceName": "x".repeat(257)}}),
+                "status.devices[0].networkData.interfaceName: Too long: may not be more than 256 bytes",
+            ),
+            (
+                json!({"networkData": {"hardwareAddress": "a".repeat(129)}}),
+                "status.devices[0].networkData.hardwareAddress: Too long: may not be more than 128 bytes",
+            ),
+            (
+                json!({"networkData": {"ips": ["10.9.8.7"]}}),
+                "status.devices[0].networkData.ips[0]: Invalid value: \"10.9.8.7\": must be a valid address in CIDR form",
+            ),
+            (
+                json!({"shareID": "not-a-uid"}),
+                "status.devices[0].shareID: Invalid value",
+            ),
+        ];
+        for (fields, expected) in cases {
+            let message = apply(fields.clone()).await;
+            assert!(message.contains(expected), "{fields}: {message}");
+        }
+    }
+}
