@@ -30,7 +30,10 @@
 //!   manager's entry needs `force=true`. On CanBuses an apply is a JSON merge patch of the applied
 //!   object (fields a manager stops applying are not removed). No `managedFields` are kept.
 //! - No label selectors, no pagination, no admission, no finalizers or garbage collection. Field
-//!   selectors support `=`, `==` and `!=` on the fields kube-apiserver offers for the resource.
+//!   selectors support `=`, `==` and `!=` on exactly the labels kube-apiserver accepts for each
+//!   resource (any other is the same 400), and list and watch options are checked as
+//!   kube-apiserver checks them. `docs/testing.md` lists every rule the double restates, with its
+//!   upstream source, and the rules it does not enforce.
 //! - No authentication or RBAC: the bearer token a client sends is only recorded
 //!   ([`RecordedRequest::token`]), so that tests can tell clients apart
 //!   ([`ApiServer::kubeconfig_yaml_as`]).
