@@ -23,6 +23,19 @@ fn slice(name: &str, node: &str) -> ResourceSlice {
     serde_json::from_value(slice_json(name, node, json!([{"name": "can0-m0"}]))).unwrap()
 }
 
+/// Claim `ns/c`, allocated device `can0-m0` of pool `n1`.
+fn allocated_claim() -> ResourceClaim {
+    serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "c", "namespace": "ns"},
+        "spec": {},
+        "status": {"allocation": {"devices": {"results": [
+            {"request": "a", "driver": "can.dra.dev", "pool": "n1", "device": "can0-m0"},
+        ]}}},
+    }))
+    .unwrap()
+}
+
 fn status_code(err: kube::Error) -> (u16, String) {
     match err {
         kube::Error::Api(status) => (status.code, status.reason),
@@ -221,16 +234,7 @@ async fn lists_filter_on_field_selectors_and_refuse_unknown_fields() {
 #[tokio::test]
 async fn claim_status_entries_belong_to_their_field_manager() {
     let (server, client) = start().await;
-    let claim: ResourceClaim = serde_json::from_value(json!({
-        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-        "metadata": {"name": "c", "namespace": "ns"},
-        "spec": {},
-        "status": {"allocation": {"devices": {"results": [
-            {"request": "a", "driver": "can.dra.dev", "pool": "n1", "device": "can0-m0"},
-        ]}}},
-    }))
-    .unwrap();
-    server.insert_claim(claim);
+    server.insert_claim(allocated_claim());
     let api: Api<ResourceClaim> = Api::namespaced(client, "ns");
     let body = |devices: Value| {
         json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
@@ -1034,7 +1038,7 @@ mod validation_rules {
     use kube::api::{Patch, PatchParams, PostParams};
     use serde_json::{Value, json};
 
-    use super::{slice_json, start};
+    use super::{allocated_claim, slice_json, start};
 
     /// The 422's message, or "" when the request was accepted.
     fn refusal(outcome: kube::Result<impl Sized>) -> String {
@@ -1113,16 +1117,7 @@ mod validation_rules {
     #[tokio::test]
     async fn claim_status_entries_break_no_device_status_rule() {
         let (server, client) = start().await;
-        let claim: ResourceClaim = serde_json::from_value(json!({
-            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": "c", "namespace": "ns"},
-            "spec": {},
-            "status": {"allocation": {"devices": {"results": [
-                {"request": "a", "driver": "can.dra.dev", "pool": "n1", "device": "can0-m0"},
-            ]}}},
-        }))
-        .unwrap();
-        server.insert_claim(claim);
+        server.insert_claim(allocated_claim());
         let api: Api<ResourceClaim> = Api::namespaced(client, "ns");
         let apply = |fields: Value| {
             let api = api.clone();
