@@ -593,6 +593,45 @@ mod tests {
     }
 
     #[test]
+    fn names_and_attributes_the_api_server_would_refuse_are_not_published() {
+        let at_limit = "a".repeat(MAX_NAME_BYTES);
+        assert!(desired_slices(&bus(&at_limit, CanBusSpec::new("500k")), "can.dra.dev", 1).is_ok());
+        let long = format!("{at_limit}b");
+        let err =
+            desired_slices(&bus(&long, CanBusSpec::new("500k")), "can.dra.dev", 1).unwrap_err();
+        assert!(matches!(err, SliceError::NameTooLong { .. }), "{err}");
+        assert!(err.needs_bus_change());
+
+        let mut slices =
+            desired_slices(&bus("body", CanBusSpec::new("500k")), "can.dra.dev", 1).unwrap();
+        let attributes = slices[0].spec.devices.as_mut().unwrap()[0]
+            .attributes
+            .as_mut()
+            .unwrap();
+        attributes.insert("note".into(), string(&"é".repeat(33)));
+        let err = check_limits("body", &slices[0]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.devices[0].attributes[note].string: 66 bytes, at most 64"),
+            "{err}"
+        );
+        let attributes = slices[0].spec.devices.as_mut().unwrap()[0]
+            .attributes
+            .as_mut()
+            .unwrap();
+        attributes.remove("note");
+        for i in 0..30 {
+            attributes.insert(format!("extra{i}"), int(i));
+        }
+        let err = check_limits("body", &slices[0]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("attributes and capacities, at most 32"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn slots_carry_the_bus_attributes() {
         let mut spec = CanBusSpec::new("500k");
         spec.fd = true;

@@ -698,6 +698,23 @@ mod field_selectors {
             let listed = api.list(&ListParams::default().fields(selector)).await;
             assert_eq!(listed.unwrap().items.len(), 1, "{selector}");
         }
+        // An absent node name selects as empty: the slices of pools that span nodes, as the
+        // controller lists bus pools.
+        let mut spanning = slice("b", "unused");
+        spanning.spec.node_name = None;
+        spanning.spec.all_nodes = Some(true);
+        spanning.spec.pool.name = "canbus/body".into();
+        server.insert_slice(spanning);
+        let listed = api
+            .list(&ListParams::default().fields("spec.driver=can.dra.dev,spec.nodeName="))
+            .await
+            .unwrap();
+        let names: Vec<_> = listed
+            .items
+            .iter()
+            .map(|s| s.metadata.name.clone())
+            .collect();
+        assert_eq!(names, [Some("b".to_owned())]);
         // What the controller used to ask for: refused by kube-apiserver.
         assert_eq!(
             refused(&api, "spec.driver=can.dra.dev,spec.pool.name=canbus/x").await,
