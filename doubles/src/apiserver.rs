@@ -12,7 +12,10 @@
 //! change nothing keep the resourceVersion; a write carrying a stale resourceVersion is a 409, and
 //! a custom resource update without one is a 422. CanBus `status` is a subresource: writes to the
 //! object keep the stored status, writes to `status` change nothing else. Failures carry a
-//! `meta/v1` `Status` body.
+//! `meta/v1` `Status` body. Field selectors may name exactly the labels kube-apiserver accepts for
+//! each resource (any other is the same 400), and list and watch options are checked as
+//! kube-apiserver checks them. `docs/testing.md` lists every rule the double restates, with its
+//! upstream source, and the rules it does not enforce.
 //!
 //! Watches (`?watch=true` on a collection) stream `WatchEvent` JSON lines: without a
 //! resourceVersion (or `0`) they start with an `ADDED` event per object, from a resourceVersion
@@ -30,10 +33,7 @@
 //!   manager's entry needs `force=true`. On CanBuses an apply is a JSON merge patch of the applied
 //!   object (fields a manager stops applying are not removed). No `managedFields` are kept.
 //! - No label selectors, no pagination, no admission, no finalizers or garbage collection. Field
-//!   selectors support `=`, `==` and `!=` on exactly the labels kube-apiserver accepts for each
-//!   resource (any other is the same 400), and list and watch options are checked as
-//!   kube-apiserver checks them. `docs/testing.md` lists every rule the double restates, with its
-//!   upstream source, and the rules it does not enforce.
+//!   selectors support `=`, `==` and `!=` on the fields kube-apiserver offers for the resource.
 //! - No authentication or RBAC: the bearer token a client sends is only recorded
 //!   ([`RecordedRequest::token`]), so that tests can tell clients apart
 //!   ([`ApiServer::kubeconfig_yaml_as`]).
