@@ -9,8 +9,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use can_dra_controller::canbus::{CanBus, CanBusSpec, CanBusStatus};
-use can_dra_controller::slices::{bus_pools_selector, pool_name};
-use can_dra_doubles::apiserver::{ApiServer, RecordedRequest};
+use can_dra_controller::slices::pool_name;
+use can_dra_doubles::apiserver::ApiServer;
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodResourceClaim, PodSpec};
 use k8s_openapi::api::resource::v1::{
     AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult, ResourceClaim,
@@ -137,7 +137,7 @@ fn assert_granted(server: &ApiServer, identity: &str) {
 }
 
 /// The field selector of a request, decoded.
-fn field_selector(request: &RecordedRequest) -> Option<String> {
+fn field_selector(request: &can_dra_doubles::apiserver::RecordedRequest) -> Option<String> {
     let query = request.query.as_deref()?;
     let encoded = query
         .split('&')
@@ -437,7 +437,7 @@ async fn status_follows_claims_pods_and_nodes_and_a_deleted_node_is_cleaned_up()
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.clear_requests();
     server.insert_claim(claim("c4", "elsewhere", &["m1"], "p1"));
-    let pools = bus_pools_selector("can.dra.dev");
+    let pools = can_dra_controller::slices::bus_pools_selector("can.dra.dev");
     eventually("a reconcile after the claim change", || {
         server
             .requests()
