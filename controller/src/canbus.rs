@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use can_dra_api::{Bitrate, InterfaceName};
 use k8s_openapi::api::core::v1::NodeSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, CustomResourceExt};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,15 @@ pub const VERSION: &str = "v1alpha1";
 pub const MAX_MEMBERS: u32 = 128;
 /// The member count of a bus that does not say.
 pub const DEFAULT_MAX_MEMBERS: u32 = 16;
+
+/// The longest bus name: the name becomes the `bus` string attribute of the bus's devices, and
+/// kube-apiserver refuses string attributes of more than 64 bytes
+/// (`pkg/apis/resource/validation/validation.go`, `DeviceAttributeMaxValueLength`).
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// The message of the CRD rule that refuses longer names (and of the controller's check).
+pub const NAME_TOO_LONG: &str =
+    "CanBus names are at most 64 bytes: the name becomes the `bus` attribute of its devices";
 
 /// The lowest tunnel port a bus may ask for (below are the privileged ports).
 pub const MIN_TUNNEL_PORT: u16 = 1024;
@@ -37,8 +46,10 @@ const MAX_DATA_BPS: u32 = 16_000_000;
 /// A virtual CAN bus that pods on any matching node can join through a ResourceClaim.
 // The doc line above becomes the CRD's description of `spec`, hence no example here (see
 // [`CanBusSpec::new`]).
-#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+// The root rule: names are DNS subdomains (ASCII), so CEL's `size` (code points) counts bytes.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
 #[kube(
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 64").message(NAME_TOO_LONG),
     group = "can.dra.dev",
     version = "v1alpha1",
     kind = "CanBus",

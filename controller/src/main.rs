@@ -9,7 +9,9 @@ use anyhow::{Context as _, bail};
 use can_dra_controller::canbus::{CanBus, crd_yaml};
 use can_dra_controller::cleanup;
 use can_dra_controller::lease::LeaderLease;
-use can_dra_controller::reconciler::{self, Context, ReconcileError, Stores, uses_claims};
+use can_dra_controller::reconciler::{
+    self, Context, ReconcileError, Stores, store_ready, uses_claims,
+};
 use clap::{Parser, Subcommand};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -217,14 +219,9 @@ fn cluster_watches(
         watcher::Config::default(),
         settled,
     );
-    // The sweep and the port assignment read the buses from a store of their own: the
-    // Controller's store (kube-runtime 5) was seen never to report ready, and the sweep must
-    // wait for a full list, or it would delete the slices of every bus.
-    let (buses, bus_events) = reflect(
-        Api::<CanBus>::all(client.clone()),
-        watcher::Config::default(),
-        |_| false,
-    );
+    // The sweep and the port assignment read the buses from the Controller's store; the sweep
+    // waits for its first full list (`store_ready`), or it would delete the slices of every bus.
+    let buses = controller.store();
     let cleaner = client.clone();
     let driver = driver.to_owned();
     let node_events = node_events.then(move |event| {
@@ -243,7 +240,6 @@ fn cluster_watches(
         claim_events.map(drop).boxed(),
         pod_events.map(drop).boxed(),
         node_events.boxed(),
-        bus_events.map(drop).boxed(),
     ]);
     let stores = Stores {
         buses,
@@ -264,9 +260,7 @@ fn spawn_sweeper(
     interval: Duration,
 ) {
     tokio::spawn(async move {
-        if stores.buses.wait_until_ready().await.is_err()
-            || stores.nodes.wait_until_ready().await.is_err()
-        {
+        if store_ready(&stores.buses).await.is_err() || store_ready(&stores.nodes).await.is_err() {
             return;
         }
         let mut ticks = tokio::time::interval(interval);

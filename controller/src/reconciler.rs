@@ -6,6 +6,7 @@
 //! writes a status computed from an empty view.
 
 use std::collections::BTreeMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::WriterDropped;
+use kube::runtime::reflector::{Lookup, Store};
 use kube::{Api, Client, ResourceExt};
 
 use crate::canbus::CanBus;
@@ -69,7 +71,7 @@ impl std::fmt::Debug for Context {
 /// The reflector stores a [`Context`] reads.
 #[derive(Clone, Debug)]
 pub struct Stores {
-    /// The CanBuses (the controller's own store).
+    /// The CanBuses (the store of the kube-runtime `Controller` that drives the reconciles).
     pub buses: Store<CanBus>,
     /// The ResourceClaims.
     pub claims: Store<ResourceClaim>,
@@ -115,9 +117,9 @@ impl Context {
 
     async fn wait_until_ready(&self) -> Result<(), ReconcileError> {
         let ready = |r: Result<(), _>, what| r.map_err(|_| ReconcileError::NotReady(what));
-        ready(self.claims.wait_until_ready().await, "ResourceClaim")?;
-        ready(self.pods.wait_until_ready().await, "Pod")?;
-        ready(self.nodes.wait_until_ready().await, "Node")
+        ready(store_ready(&self.claims).await, "ResourceClaim")?;
+        ready(store_ready(&self.pods).await, "Pod")?;
+        ready(store_ready(&self.nodes).await, "Node")
     }
 
     /// Settles the tunnel port of `bus`, remembering one it assigned.
@@ -178,6 +180,25 @@ impl Context {
     }
 }
 
+/// How often a task waiting for a store polls its readiness again (see [`store_ready`]).
+const READY_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until `store` holds a first full list. Unlike `Store::wait_until_ready` alone, this
+/// works with several waiters at once: kube-runtime 5 wakes only the last task that waited (its
+/// one-shot channel keeps one waker), and the Controller waits on its own store, as concurrent
+/// reconciles wait on the others. Polling again registers the waiter anew.
+pub async fn store_ready<K>(store: &Store<K>) -> Result<(), WriterDropped>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    loop {
+        if let Ok(outcome) = tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            return outcome;
+        }
+    }
+}
+
 /// Whether a pod takes part in DRA (it names ResourceClaims).
 pub fn uses_claims(pod: &Pod) -> bool {
     pod.spec
@@ -203,6 +224,14 @@ pub async fn reconcile(bus: Arc<CanBus>, ctx: Arc<Context>) -> Result<Action, Re
             reason: "InvalidSpec",
             message: source.to_string(),
         }),
+        (Err(error @ SliceError::NameTooLong { .. }), _) => Some(Problem {
+            reason: "InvalidName",
+            message: error.to_string(),
+        }),
+        (Err(error @ SliceError::Unpublishable { .. }), _) => Some(Problem {
+            reason: "Unpublishable",
+            message: error.to_string(),
+        }),
         (_, Err(conflict)) => Some(Problem {
             reason: "TunnelPortConflict",
             message: conflict.to_string(),
@@ -227,8 +256,13 @@ pub async fn reconcile(bus: Arc<CanBus>, ctx: Arc<Context>) -> Result<Action, Re
             tunnel_port = ?desired.tunnel_port, "wrote the bus status");
     }
     match published {
-        // A spec error is reported in the status; retrying cannot fix it, a spec change will.
-        Ok(_) | Err(SliceError::Spec { .. }) => Ok(Action::requeue(ctx.resync)),
+        // Reported in the status (and logged); retrying the same bus cannot fix it, a change of
+        // the bus will, and every change reconciles it.
+        Err(error) if error.needs_bus_change() => {
+            tracing::warn!(bus = %name, %error, "the bus cannot be published until it changes");
+            Ok(Action::requeue(ctx.resync))
+        }
+        Ok(_) => Ok(Action::requeue(ctx.resync)),
         Err(error) => Err(error.into()),
     }
 }

@@ -6,10 +6,13 @@
 //! split into slices of at most [`MAX_DEVICES_PER_SLICE`]. Every slice has an owner reference to
 //! the bus, so the garbage collector removes them when the bus goes.
 //!
-//! The publisher follows the node daemon's conventions: it lists the pool's slices (field
-//! selectors `spec.driver` and `spec.pool.name`), writes nothing when they already say what is
-//! desired, and otherwise bumps `pool.generation` past the highest one seen, deletes obsolete
-//! slices first and creates or updates (with the listed `resourceVersion`) the rest.
+//! The publisher follows the node daemon's conventions: it lists the pool's slices, writes nothing
+//! when they already say what is desired, and otherwise bumps `pool.generation` past the highest
+//! one seen, deletes obsolete slices first and creates or updates (with the listed
+//! `resourceVersion`) the rest. kube-apiserver lets a ResourceSlice list select on
+//! `metadata.name`, `spec.nodeName` and `spec.driver` only, so the pool's slices are the driver's
+//! slices without a node (field selector `spec.driver=<driver>,spec.nodeName=`) whose
+//! `spec.pool.name` is the pool's, picked here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -21,10 +24,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::canbus::{CanBus, SpecError};
+use crate::canbus::{CanBus, MAX_NAME_BYTES, NAME_TOO_LONG, SpecError};
 
 /// The API allows at most this many devices per slice.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
+
+/// The API allows at most this many attributes and capacities together on one device
+/// (`pkg/apis/resource/validation/validation.go`, `ResourceSliceMaxAttributesAndCapacitiesPerDevice`).
+const MAX_ATTRIBUTES_AND_CAPACITIES: usize = 32;
+
+/// The API allows string and version attribute values of at most this many bytes
+/// (`DeviceAttributeMaxValueLength`).
+const MAX_ATTRIBUTE_VALUE_BYTES: usize = 64;
 
 /// How many times a sync starts over after a conflicting write before giving up.
 const SYNC_ATTEMPTS: usize = 3;
@@ -46,6 +57,25 @@ pub enum SliceError {
         /// What is wrong.
         #[source]
         source: SpecError,
+    },
+    /// The bus's name is too long to be its devices' `bus` attribute (a bus admitted before the
+    /// CRD's rule, or by a CRD without it): the API server would refuse every slice.
+    #[error("CanBus {bus}: {NAME_TOO_LONG}")]
+    NameTooLong {
+        /// The bus name.
+        bus: String,
+    },
+    /// A desired slice breaks another limit the API server enforces; it is not sent.
+    #[error("CanBus {bus}: ResourceSlice {slice}: {field}: {reason}")]
+    Unpublishable {
+        /// The bus name.
+        bus: String,
+        /// The slice name.
+        slice: String,
+        /// The offending field, e.g. `spec.devices[0].attributes[bus].string`.
+        field: String,
+        /// The limit it breaks.
+        reason: String,
     },
     /// The bus has no name or uid (it was not read from the API server).
     #[error("CanBus has no {0}; only stored objects can own slices")]
@@ -73,6 +103,15 @@ pub enum SliceError {
 }
 
 impl SliceError {
+    /// Whether only a change of the bus can fix it: retrying the same bus writes the same refused
+    /// slices, so it is reported in the status instead.
+    pub fn needs_bus_change(&self) -> bool {
+        matches!(
+            self,
+            Self::Spec { .. } | Self::NameTooLong { .. } | Self::Unpublishable { .. }
+        )
+    }
+
     /// Whether a fresh list may fix it (someone else changed the slices meanwhile).
     fn is_race(&self) -> bool {
         matches!(self, Self::Write { source: kube::Error::Api(status), .. }
@@ -100,6 +139,19 @@ pub fn pool_name(bus: &str) -> String {
     } else {
         format!("{POOL_PREFIX}{:08x}", fnv1a32(bus))
     }
+}
+
+/// The field selector of `driver`'s slices that belong to no single node, where bus pools live:
+/// `spec.driver=<driver>,spec.nodeName=` (an absent node name selects as empty). kube-apiserver
+/// accepts only `metadata.name`, `spec.nodeName` and `spec.driver` for ResourceSlices, so a pool
+/// is picked from these by `spec.pool.name` on the client.
+///
+/// ```
+/// use can_dra_controller::slices::bus_pools_selector;
+/// assert_eq!(bus_pools_selector("can.dra.dev"), "spec.driver=can.dra.dev,spec.nodeName=");
+/// ```
+pub fn bus_pools_selector(driver: &str) -> String {
+    format!("spec.driver={driver},spec.nodeName=")
 }
 
 /// The name of slice `index` of bus `bus`: `canbus-<bus>-<driver>-<index>`, or
@@ -185,6 +237,9 @@ pub fn desired_slices(
         .name
         .clone()
         .ok_or(SliceError::Unstored("name"))?;
+    if name.len() > MAX_NAME_BYTES {
+        return Err(SliceError::NameTooLong { bus: name });
+    }
     let uid = bus.meta().uid.clone().ok_or(SliceError::Unstored("uid"))?;
     let devices = member_devices(bus)?;
     let owner = OwnerReference {
@@ -200,7 +255,7 @@ pub fn desired_slices(
     };
     let chunks: Vec<&[Device]> = devices.chunks(MAX_DEVICES_PER_SLICE).collect();
     let count = i64::try_from(chunks.len()).unwrap_or(i64::MAX);
-    Ok(chunks
+    let slices: Vec<ResourceSlice> = chunks
         .into_iter()
         .enumerate()
         .map(|(index, chunk)| ResourceSlice {
@@ -222,7 +277,52 @@ pub fn desired_slices(
                 ..ResourceSliceSpec::default()
             },
         })
-        .collect())
+        .collect();
+    for slice in &slices {
+        check_limits(&name, slice)?;
+    }
+    Ok(slices)
+}
+
+/// Checks the limits kube-apiserver enforces on what a bus controls (the attribute values and
+/// counts of its devices), so a slice it would refuse is reported rather than sent again and
+/// again (`pkg/apis/resource/validation/validation.go` `validateDevice`).
+fn check_limits(bus: &str, slice: &ResourceSlice) -> Result<(), SliceError> {
+    let refused = |field: String, reason: String| SliceError::Unpublishable {
+        bus: bus.to_owned(),
+        slice: slice.name_any(),
+        field,
+        reason,
+    };
+    for (i, device) in slice.spec.devices.iter().flatten().enumerate() {
+        let attributes = device.attributes.as_ref();
+        let total =
+            attributes.map_or(0, BTreeMap::len) + device.capacity.as_ref().map_or(0, BTreeMap::len);
+        if total > MAX_ATTRIBUTES_AND_CAPACITIES {
+            return Err(refused(
+                format!("spec.devices[{i}]"),
+                format!(
+                    "{total} attributes and capacities, at most {MAX_ATTRIBUTES_AND_CAPACITIES}"
+                ),
+            ));
+        }
+        for (key, attribute) in attributes.into_iter().flatten() {
+            for (kind, value) in [
+                ("string", &attribute.string),
+                ("version", &attribute.version),
+            ] {
+                if let Some(value) = value
+                    && value.len() > MAX_ATTRIBUTE_VALUE_BYTES
+                {
+                    return Err(refused(
+                        format!("spec.devices[{i}].attributes[{key}].{kind}"),
+                        format!("{} bytes, at most {MAX_ATTRIBUTE_VALUE_BYTES}", value.len()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `existing` already says what `desired` says (ignoring server-set metadata).
@@ -369,7 +469,11 @@ impl BusSlicePublisher {
         api: &Api<ResourceSlice>,
         pool: &str,
     ) -> Result<Vec<ResourceSlice>, SliceError> {
-        let selector = format!("spec.driver={},spec.pool.name={pool}", self.driver);
+        // kube-apiserver refuses `spec.pool.name` as a field label (400): select the driver's
+        // slices without a node name (bus pools are never node-local; an empty `spec.nodeName`
+        // selects exactly those) and pick the pool's here by `spec.pool.name`, the one identity
+        // every slice of the pool carries whatever the bus name's length (`docs/controller.md`).
+        let selector = bus_pools_selector(&self.driver);
         let listed = api
             .list(&ListParams::default().fields(&selector))
             .await
@@ -377,7 +481,6 @@ impl BusSlicePublisher {
                 pool: pool.to_owned(),
                 source,
             })?;
-        // Filter again: correctness must not hinge on the server honouring the selector.
         Ok(listed
             .items
             .into_iter()
@@ -487,6 +590,45 @@ mod tests {
         let mut bus = CanBus::new(name, spec);
         bus.metadata.uid = Some(format!("uid-{name}"));
         bus
+    }
+
+    #[test]
+    fn names_and_attributes_the_api_server_would_refuse_are_not_published() {
+        let at_limit = "a".repeat(MAX_NAME_BYTES);
+        assert!(desired_slices(&bus(&at_limit, CanBusSpec::new("500k")), "can.dra.dev", 1).is_ok());
+        let long = format!("{at_limit}b");
+        let err =
+            desired_slices(&bus(&long, CanBusSpec::new("500k")), "can.dra.dev", 1).unwrap_err();
+        assert!(matches!(err, SliceError::NameTooLong { .. }), "{err}");
+        assert!(err.needs_bus_change());
+
+        let mut slices =
+            desired_slices(&bus("body", CanBusSpec::new("500k")), "can.dra.dev", 1).unwrap();
+        let attributes = slices[0].spec.devices.as_mut().unwrap()[0]
+            .attributes
+            .as_mut()
+            .unwrap();
+        attributes.insert("note".into(), string(&"é".repeat(33)));
+        let err = check_limits("body", &slices[0]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.devices[0].attributes[note].string: 66 bytes, at most 64"),
+            "{err}"
+        );
+        let attributes = slices[0].spec.devices.as_mut().unwrap()[0]
+            .attributes
+            .as_mut()
+            .unwrap();
+        attributes.remove("note");
+        for i in 0..30 {
+            attributes.insert(format!("extra{i}"), int(i));
+        }
+        let err = check_limits("body", &slices[0]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("attributes and capacities, at most 32"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -143,6 +143,20 @@ fn assert_granted(server: &ApiServer, identity: &str) {
     assert!(missing.is_empty(), "the chart does not grant {missing:?}");
 }
 
+/// The field selector of a request, decoded.
+fn field_selector(request: &can_dra_doubles::apiserver::RecordedRequest) -> Option<String> {
+    let query = request.query.as_deref()?;
+    let encoded = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("fieldSelector="))?;
+    Some(
+        encoded
+            .replace("%3D", "=")
+            .replace("%2C", ",")
+            .replace("%2F", "/"),
+    )
+}
+
 /// Polls `check` until it returns `Some`, failing with `what` after [`WAIT`].
 async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -440,13 +454,14 @@ async fn status_follows_claims_pods_and_nodes_and_a_deleted_node_is_cleaned_up()
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.clear_requests();
     server.insert_claim(claim("c4", "elsewhere", &["m1"], "p1"));
+    let pools = can_dra_controller::slices::bus_pools_selector("can.dra.dev");
     eventually("a reconcile after the claim change", || {
         server
             .requests()
             .iter()
             .any(|r| {
                 r.path.ends_with("/resourceslices")
-                    && r.query.as_deref().is_some_and(|q| q.contains("canbus"))
+                    && field_selector(r).as_deref() == Some(pools.as_str())
             })
             .then_some(())
     })
@@ -562,4 +577,44 @@ async fn of_two_replicas_only_the_leader_writes_until_the_other_takes_over() {
     .await;
     assert_granted(&server, "replica-a");
     assert_granted(&server, "replica-b");
+}
+
+#[tokio::test]
+async fn a_bus_whose_name_cannot_be_an_attribute_is_reported_and_never_written() {
+    let (server, buses, dir) = start().await;
+    let _replica = Replica::start(&server, dir.path(), "replica-a");
+    // 65 bytes: the CRD's rule refuses it on a real cluster; the double admits it, as a cluster
+    // whose CRD predates the rule would.
+    let long = format!("{}.{}", "a".repeat(32), "b".repeat(32));
+    assert_eq!(long.len(), 65);
+    buses
+        .create(
+            &PostParams::default(),
+            &CanBus::new(&long, bus_spec(2, "500k")),
+        )
+        .await
+        .unwrap();
+    let seen = eventually("the bus reported unpublishable", || {
+        status(&server, &long).filter(|s| ready(s).is_some())
+    })
+    .await;
+    let condition = seen.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "InvalidName")
+    );
+    assert!(
+        condition.message.contains("at most 64 bytes"),
+        "{}",
+        condition.message
+    );
+    // Other buses are published meanwhile, and the long one is not retried against the server.
+    create_ready_bus(&server, &buses, "body", 2).await;
+    let slice_writes = server
+        .writes()
+        .into_iter()
+        .filter(|r| r.path.contains("/resourceslices") && r.body.contains(&long))
+        .count();
+    assert_eq!(slice_writes, 0, "no slice of the long-named bus was sent");
+    assert_granted(&server, "replica-a");
 }

@@ -12,7 +12,10 @@
 //! change nothing keep the resourceVersion; a write carrying a stale resourceVersion is a 409, and
 //! a custom resource update without one is a 422. CanBus `status` is a subresource: writes to the
 //! object keep the stored status, writes to `status` change nothing else. Failures carry a
-//! `meta/v1` `Status` body.
+//! `meta/v1` `Status` body. Field selectors may name exactly the labels kube-apiserver accepts for
+//! each resource (any other is the same 400), and list and watch options are checked as
+//! kube-apiserver checks them. `docs/testing.md` lists every rule the double restates, with its
+//! upstream source, and the rules it does not enforce.
 //!
 //! Watches (`?watch=true` on a collection) stream `WatchEvent` JSON lines: without a
 //! resourceVersion (or `0`) they start with an `ADDED` event per object, from a resourceVersion

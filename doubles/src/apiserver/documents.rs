@@ -13,7 +13,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Map, Value};
 
 use super::failure::Failure;
-use super::store::{DELETED, FieldTerm, MODIFIED, Store, added_or_modified};
+use super::store::{
+    CLUSTER_CUSTOM_FIELDS, DELETED, FieldLabels, FieldTerm, META_FIELDS, MODIFIED, POD_FIELDS,
+    Store, added_or_modified,
+};
 
 /// How the double treats one kind of document.
 #[derive(Debug)]
@@ -31,8 +34,8 @@ pub(crate) struct DocumentKind {
     pub(crate) status_subresource: bool,
     /// Whether an update must carry a `resourceVersion` (custom resources require one).
     pub(crate) update_needs_version: bool,
-    /// The fields a list or watch can select on.
-    pub(crate) selectable: &'static [&'static str],
+    /// The field labels a list or watch can select on.
+    pub(crate) selectable: &'static FieldLabels,
     /// Decodes the document into its Rust type where the double knows it (400 when malformed).
     check: fn(&Value) -> Result<(), String>,
 }
@@ -61,7 +64,7 @@ pub(crate) const CANBUSES: DocumentKind = DocumentKind {
     generation: true,
     status_subresource: true,
     update_needs_version: true,
-    selectable: &["metadata.name"],
+    selectable: &CLUSTER_CUSTOM_FIELDS,
     check: check_canbus,
 };
 
@@ -75,12 +78,7 @@ pub(crate) const PODS: DocumentKind = DocumentKind {
     generation: false,
     status_subresource: true,
     update_needs_version: false,
-    selectable: &[
-        "metadata.name",
-        "metadata.namespace",
-        "spec.nodeName",
-        "status.phase",
-    ],
+    selectable: &POD_FIELDS,
     check: check_typed::<Pod>,
 };
 
@@ -94,7 +92,7 @@ pub(crate) const LEASES: DocumentKind = DocumentKind {
     generation: false,
     status_subresource: false,
     update_needs_version: false,
-    selectable: &["metadata.name", "metadata.namespace"],
+    selectable: &META_FIELDS,
     check: check_typed::<Lease>,
 };
 

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::store::FieldTerm;
+use super::store::{FieldTerm, fields_match};
 
 /// How many events the history keeps; a watch from an older resourceVersion gets 410 Gone.
 const HISTORY: usize = 4096;
@@ -108,10 +108,7 @@ impl Filter {
         self.namespace
             .as_deref()
             .is_none_or(|ns| json_field(object, "metadata.namespace") == ns)
-            && self
-                .fields
-                .iter()
-                .all(|t| (json_field(object, &t.field) == t.value) == t.equal)
+            && fields_match(&self.fields, object)
     }
 
     fn wants(&self, event: &Event) -> bool {

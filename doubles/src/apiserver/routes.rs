@@ -301,12 +301,13 @@ fn ok(value: Value) -> Outcome {
     Ok(Answer::Object(StatusCode::OK, value))
 }
 
-/// The fields a list or watch of `resource` may select on.
-fn selectable(resource: &str) -> &'static [&'static str] {
+/// The field labels a list or watch of `resource` may select on.
+fn selectable(resource: &str) -> &'static store::FieldLabels {
     match resource {
-        "resourceslices" => store::SLICE_SELECTABLE,
-        "resourceclaims" => &["metadata.name", "metadata.namespace"],
-        other => documents::kind_of(other).map_or(&["metadata.name"], |k| k.selectable),
+        "nodes" => &store::NODE_FIELDS,
+        "resourceslices" => &store::SLICE_FIELDS,
+        "resourceclaims" => &store::META_FIELDS,
+        other => documents::kind_of(other).map_or(&store::META_FIELDS, |k| k.selectable),
     }
 }
 
@@ -334,6 +335,61 @@ fn current(store: &Store, resource: &str) -> Vec<Value> {
             .map(|kind| store.list_documents(kind, None, &[]))
             .unwrap_or_default(),
     }
+}
+
+/// The checks of a list's or watch's options kube-apiserver makes before serving it
+/// (apimachinery `pkg/apis/meta/internalversion/validation/validation.go` `ValidateListOptions` and
+/// `validateWatchOptions`, answered as a 422 `ListOptions.meta.k8s.io` by `handlers/get.go`
+/// `ListResource`). A streaming list is a watch with `sendInitialEvents` and
+/// `resourceVersionMatch=NotOlderThan`; a plain list may not ask for initial events.
+fn list_options(request: &Request<'_>, watch: bool) -> Result<(), Failure> {
+    let forbidden = |field: &str, detail: &str| {
+        Err(Failure::invalid(
+            "ListOptions.meta.k8s.io",
+            "",
+            field,
+            format!("Forbidden: {detail}"),
+        ))
+    };
+    let matching = request.param("resourceVersionMatch").unwrap_or_default();
+    let initial_events = request.param("sendInitialEvents").is_some();
+    let version = request.param("resourceVersion").unwrap_or_default();
+    if watch {
+        if initial_events && matching != "NotOlderThan" {
+            return forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            );
+        }
+        if !matching.is_empty() && !initial_events {
+            return forbidden(
+                "resourceVersionMatch",
+                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+            );
+        }
+        if !matching.is_empty() && matching != "NotOlderThan" {
+            return Err(Failure::invalid(
+                "ListOptions.meta.k8s.io",
+                "",
+                "resourceVersionMatch",
+                format!("Unsupported value: {matching:?}: supported values: \"NotOlderThan\""),
+            ));
+        }
+        return Ok(());
+    }
+    if !matching.is_empty() && version.is_empty() {
+        return forbidden(
+            "resourceVersionMatch",
+            "resourceVersionMatch is forbidden unless resourceVersion is provided",
+        );
+    }
+    if initial_events {
+        return forbidden(
+            "sendInitialEvents",
+            "sendInitialEvents is forbidden for list",
+        );
+    }
+    Ok(())
 }
 
 fn open_watch(
@@ -378,6 +434,9 @@ fn serve(
 ) -> Outcome {
     let name = target.name.as_deref().unwrap_or_default();
     let namespace = target.namespace.as_deref().unwrap_or_default();
+    if matches!(endpoint.verb, "list" | "watch") {
+        list_options(request, endpoint.verb == "watch")?;
+    }
     if endpoint.verb == "watch" {
         return open_watch(store, endpoint, target, request);
     }
@@ -390,7 +449,7 @@ fn serve(
             request.reject_labels()?;
             let terms = store::parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
-                &["metadata.name"],
+                selectable("nodes"),
             )?;
             let nodes = store.list_nodes(&terms);
             ok(list(store, &nodes))
@@ -426,7 +485,7 @@ fn serve(
             request.reject_labels()?;
             let terms = store::parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
-                store::SLICE_SELECTABLE,
+                selectable("resourceslices"),
             )?;
             let slices = store.list_slices(&terms);
             ok(list(store, &slices))
