@@ -62,6 +62,7 @@
 mod documents;
 mod events;
 mod failure;
+pub mod gates;
 pub mod rbac;
 mod routes;
 mod store;
@@ -79,6 +80,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use tokio::task::JoinHandle;
 
+pub use gates::FeatureGate;
 pub use rbac::{RbacError, RbacPolicy, User};
 use routes::{Shared, lock};
 use store::Store;
