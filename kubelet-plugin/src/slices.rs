@@ -448,6 +448,7 @@ impl SlicePublisher {
                 .contains(e.metadata.name.as_ref().unwrap_or(&String::new()))
         }) {
             let name = obsolete.metadata.name.clone().unwrap_or_default();
+            self.edits().kept.remove(&name);
             match slices.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => report.deleted += 1,
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
