@@ -39,6 +39,9 @@
 //!   can tell clients apart ([`ApiServer::kubeconfig_yaml_as`]). With them, tokens map to users,
 //!   requests are authorized by the roles given (such as the chart's), and from 1.36 on
 //!   ([`ApiServer::set_minor_version`]) claim `status.devices` writes need `resourceclaims/driver`.
+//! - Feature gates ([`gates`]): per served minor version as upstream, overridable with
+//!   [`ApiServer::set_feature_gate`]; ResourceSlice writes lose the fields of disabled gates as
+//!   kube-apiserver's `dropDisabledFields` drops them (alpha DRA fields are dropped in 1.34).
 //! - Pods and Nodes are written by tests ([`ApiServer::insert_pod`], [`ApiServer::insert_node`]),
 //!   as the kubelet and the scheduler would; clients only read them (and may delete Nodes).
 //! - [`ApiServer::inject_failure`] makes chosen requests fail (409, 500, ...) to test races and
@@ -65,6 +68,7 @@
 mod documents;
 mod events;
 mod failure;
+pub mod gates;
 pub mod rbac;
 mod routes;
 mod store;
@@ -82,6 +86,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use tokio::task::JoinHandle;
 
+pub use gates::FeatureGate;
 pub use rbac::{RbacError, RbacPolicy, User};
 use routes::{Shared, lock};
 use store::Store;

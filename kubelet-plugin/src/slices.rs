@@ -15,8 +15,20 @@
 //! them with the desired content. If nothing differs, nothing is written. Otherwise
 //! `pool.generation` becomes one more than the highest generation seen, obsolete slices are deleted
 //! first (as the Go helper does), and every desired slice is written with the new generation.
+//!
+//! The API server may keep less than it was sent: on a cluster where a feature gate is off (alpha
+//! in 1.34 and 1.35: `DRADeviceTaints`, `DRAPartitionableDevices`, `DRADeviceBindingConditions`,
+//! `DRAConsumableCapacity`) it silently drops the gated fields, and it fills in defaults such as a
+//! taint's `timeAdded`. So every written slice is compared with what the server returned. Each
+//! dropped field path (e.g. `spec.devices[*].taints`) is logged once at warn level and listed in
+//! the [`PublishReport`]; and the publisher remembers, per slice, the spec it sent and the spec
+//! the server kept, so that a later sync with the same desired spec finds the kept one up to date
+//! instead of writing it again on every pass. A changed desired spec is written (and checked)
+//! again. The memory is the publisher's own: a restarted daemon writes such a slice once more.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::core::v1::Node;
@@ -24,6 +36,7 @@ use k8s_openapi::api::resource::v1::{Device, ResourcePool, ResourceSlice, Resour
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
+use serde_json::Value;
 
 use crate::inventory::{Inventory, InventoryError, fnv1a32};
 
@@ -97,6 +110,9 @@ pub struct PublishReport {
     pub updated: usize,
     /// Obsolete slices deleted.
     pub deleted: usize,
+    /// Field paths the API server dropped from the slices this sync wrote, sorted, each once
+    /// (e.g. `spec.devices[*].taints`): a feature gate is probably off on the cluster.
+    pub dropped: Vec<String>,
 }
 
 impl PublishReport {
@@ -211,12 +227,109 @@ fn same_content(existing: &ResourceSlice, desired: &ResourceSlice) -> bool {
             })
 }
 
+/// The paths of the fields present in `sent` but not in `kept` (what the server dropped), with
+/// list indexes and map keys written `[*]`, e.g. `spec.devices[*].capacity[*].requestPolicy`.
+fn dropped_paths(sent: &ResourceSliceSpec, kept: &ResourceSliceSpec) -> BTreeSet<String> {
+    let mut paths = BTreeSet::new();
+    if let (Ok(sent), Ok(kept)) = (serde_json::to_value(sent), serde_json::to_value(kept)) {
+        collect_dropped(&sent, &kept, "spec", &mut paths);
+    }
+    paths
+}
+
+fn collect_dropped(sent: &Value, kept: &Value, path: &str, paths: &mut BTreeSet<String>) {
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => {
+            // Maps keyed by name, as opposed to objects with fixed fields.
+            let keyed = [".attributes", ".capacity", ".counters"]
+                .iter()
+                .any(|suffix| path.ends_with(suffix));
+            for (key, value) in sent.iter().filter(|(_, v)| !v.is_null()) {
+                let child = if keyed {
+                    format!("{path}[*]")
+                } else {
+                    format!("{path}.{key}")
+                };
+                match kept.get(key).filter(|k| !k.is_null()) {
+                    Some(kept) => collect_dropped(value, kept, &child, paths),
+                    None => {
+                        paths.insert(child);
+                    }
+                }
+            }
+        }
+        (Value::Array(sent), Value::Array(kept)) => {
+            let child = format!("{path}[*]");
+            for (sent, kept) in sent.iter().zip(kept) {
+                collect_dropped(sent, kept, &child, paths);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What the API server made of slices this publisher wrote.
+#[derive(Debug, Default)]
+struct ServerEdits {
+    /// Per slice name: the (normalised) spec sent and the spec the server kept, where they differ.
+    kept: BTreeMap<String, (ResourceSliceSpec, ResourceSliceSpec)>,
+    /// Dropped field paths already logged.
+    logged: BTreeSet<String>,
+}
+
+impl ServerEdits {
+    /// `desired` as the server would keep it, if its spec is one it changed before.
+    fn as_kept(&self, desired: &ResourceSlice) -> ResourceSlice {
+        let mut slice = desired.clone();
+        if let Some((sent, kept)) = desired
+            .metadata
+            .name
+            .as_ref()
+            .and_then(|name| self.kept.get(name))
+            && *sent == normalised(&desired.spec)
+        {
+            slice.spec = kept.clone();
+        }
+        slice
+    }
+
+    /// Remembers what the server kept of the spec sent for slice `name`; returns the field paths
+    /// it dropped, and logs those not logged before.
+    fn record(
+        &mut self,
+        name: &str,
+        sent: &ResourceSliceSpec,
+        kept: &ResourceSliceSpec,
+    ) -> BTreeSet<String> {
+        let (sent, kept) = (normalised(sent), normalised(kept));
+        if sent == kept {
+            self.kept.remove(name);
+            return BTreeSet::new();
+        }
+        let dropped = dropped_paths(&sent, &kept);
+        for path in &dropped {
+            if self.logged.insert(path.clone()) {
+                tracing::warn!(
+                    field = %path,
+                    slice = %name,
+                    "the API server dropped a ResourceSlice field it was sent; a feature gate is \
+                     probably off on the cluster, so the devices are published without it"
+                );
+            }
+        }
+        self.kept.insert(name.to_owned(), (sent, kept));
+        dropped
+    }
+}
+
 /// Publishes one node's pool.
 #[derive(Clone)]
 pub struct SlicePublisher {
     client: Client,
     driver: String,
     node: String,
+    /// Shared by clones, which publish the same pool.
+    edits: Arc<Mutex<ServerEdits>>,
 }
 
 impl fmt::Debug for SlicePublisher {
@@ -235,7 +348,12 @@ impl SlicePublisher {
             client,
             driver: driver.into(),
             node: node.into(),
+            edits: Arc::default(),
         }
+    }
+
+    fn edits(&self) -> std::sync::MutexGuard<'_, ServerEdits> {
+        self.edits.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Publishes the inventory's devices (see [`publish_devices`](Self::publish_devices)).
@@ -291,10 +409,12 @@ impl SlicePublisher {
                 .iter()
                 .find(|s| s.metadata.name.is_some() && s.metadata.name == *name)
         };
-        let up_to_date = existing.len() == as_is.len()
-            && as_is
+        let up_to_date = existing.len() == as_is.len() && {
+            let edits = self.edits();
+            as_is
                 .iter()
-                .all(|d| find(&d.metadata.name).is_some_and(|e| same_content(e, d)));
+                .all(|d| find(&d.metadata.name).is_some_and(|e| same_content(e, &edits.as_kept(d))))
+        };
         let names = |list: &[ResourceSlice]| {
             list.iter()
                 .filter_map(|s| s.metadata.name.clone())
@@ -307,6 +427,7 @@ impl SlicePublisher {
                 created: 0,
                 updated: 0,
                 deleted: 0,
+                dropped: Vec::new(),
             });
         }
 
@@ -318,13 +439,16 @@ impl SlicePublisher {
             created: 0,
             updated: 0,
             deleted: 0,
+            dropped: Vec::new(),
         };
+        let mut dropped = BTreeSet::new();
         for obsolete in existing.iter().filter(|e| {
             !report
                 .slices
                 .contains(e.metadata.name.as_ref().unwrap_or(&String::new()))
         }) {
             let name = obsolete.metadata.name.clone().unwrap_or_default();
+            self.edits().kept.remove(&name);
             match slices.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => report.deleted += 1,
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -346,7 +470,7 @@ impl SlicePublisher {
                     metadata.owner_references = slice.metadata.owner_references.take();
                     metadata.managed_fields = None;
                     slice.metadata = metadata;
-                    slices
+                    let written = slices
                         .replace(&name, &PostParams::default(), &slice)
                         .await
                         .map_err(|source| SliceError::Write {
@@ -355,9 +479,10 @@ impl SlicePublisher {
                             source,
                         })?;
                     report.updated += 1;
+                    dropped.extend(self.edits().record(&name, &slice.spec, &written.spec));
                 }
                 None => {
-                    slices
+                    let written = slices
                         .create(&PostParams::default(), &slice)
                         .await
                         .map_err(|source| SliceError::Write {
@@ -366,9 +491,11 @@ impl SlicePublisher {
                             source,
                         })?;
                     report.created += 1;
+                    dropped.extend(self.edits().record(&name, &slice.spec, &written.spec));
                 }
             }
         }
+        report.dropped = dropped.into_iter().collect();
         tracing::info!(
             node = %self.node,
             generation,
@@ -434,6 +561,53 @@ mod tests {
             "{name}"
         );
         assert_ne!(name, slice_name(&node.replace('n', "m"), "can.dra.dev", 12));
+    }
+
+    #[test]
+    fn dropped_paths_name_fields_not_values() {
+        let spec = |device: serde_json::Value| -> ResourceSliceSpec {
+            serde_json::from_value(serde_json::json!({
+                "driver": "d.dev", "nodeName": "n",
+                "pool": {"name": "n", "generation": 1, "resourceSliceCount": 1},
+                "devices": [device],
+            }))
+            .unwrap()
+        };
+        let sent = spec(serde_json::json!({
+            "name": "a",
+            "taints": [{"key": "k", "effect": "NoSchedule"}],
+            "capacity": {"slots": {"value": "4", "requestPolicy": {"default": "1"}}},
+        }));
+        let kept = spec(serde_json::json!({
+            "name": "a", "capacity": {"slots": {"value": "4"}},
+        }));
+        assert_eq!(
+            dropped_paths(&sent, &kept).into_iter().collect::<Vec<_>>(),
+            [
+                "spec.devices[*].capacity[*].requestPolicy",
+                "spec.devices[*].taints"
+            ]
+        );
+        // A value the server filled in is no drop.
+        assert!(dropped_paths(&kept, &sent).is_empty());
+    }
+
+    #[test]
+    fn a_spec_the_server_changed_counts_as_kept_until_the_desired_one_changes() {
+        let mut edits = ServerEdits::default();
+        let mut desired = desired_slices("d.dev", "n", "u", &devices(1), 1).remove(0);
+        desired.spec.devices.as_mut().unwrap()[0].binds_to_node = Some(true);
+        let mut kept = desired.clone();
+        kept.spec.devices.as_mut().unwrap()[0].binds_to_node = None;
+        let name = desired.metadata.name.clone().unwrap();
+        let dropped = edits.record(&name, &desired.spec, &kept.spec);
+        assert_eq!(
+            dropped.into_iter().collect::<Vec<_>>(),
+            ["spec.devices[*].bindsToNode"]
+        );
+        assert!(same_content(&kept, &edits.as_kept(&desired)));
+        desired.spec.devices.as_mut().unwrap()[0].name = "other".into();
+        assert!(!same_content(&kept, &edits.as_kept(&desired)));
     }
 
     #[test]

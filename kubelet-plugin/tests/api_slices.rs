@@ -7,6 +7,7 @@ mod api_support;
 
 use api_support::{DRIVER, NODE, server_with_node};
 use can_dra_api::Bitrate;
+use can_dra_doubles::apiserver::FeatureGate;
 use can_dra_kubelet_plugin::inventory::{
     ControllerState, Inventory, PhysicalController, VirtualBus,
 };
@@ -410,4 +411,120 @@ async fn persistent_conflicts_and_server_errors_are_reported() {
         .unwrap_err();
     assert!(matches!(err, SliceError::List { .. }), "{err:?}");
     assert!(server.slices().is_empty());
+}
+
+/// Log output collected in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Collects the warnings logged on this thread while the guard lives.
+    fn warnings() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines_with(&self, text: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(text))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// `n` devices, each with a taint (a field behind `DRADeviceTaints`, alpha in 1.34).
+fn tainted(n: usize) -> Vec<Device> {
+    (0..n)
+        .map(|i| {
+            serde_json::from_value(json!({
+                "name": format!("can0-m{i}"),
+                "taints": [{"key": "can.dra.dev/bus-off", "effect": "NoSchedule"}],
+            }))
+            .unwrap()
+        })
+        .collect()
+}
+
+fn stored_taints(server: &can_dra_doubles::apiserver::ApiServer) -> usize {
+    ours(server.slices())
+        .iter()
+        .flat_map(|s| s.spec.devices.iter().flatten())
+        .map(|d| d.taints.as_ref().map_or(0, Vec::len))
+        .sum()
+}
+
+#[tokio::test]
+async fn a_field_the_server_drops_is_warned_about_once_and_not_written_again() {
+    let (warnings, _guard) = Captured::warnings();
+    let (server, client, _) = server_with_node().await;
+    // A 1.34 API server, where device taints are alpha and off.
+    assert!(!server.feature_gate(FeatureGate::DraDeviceTaints));
+    let publisher = SlicePublisher::new(client, DRIVER, NODE);
+    let first = publisher.publish_devices(&tainted(1)).await.unwrap();
+    assert_eq!(first.created, 1);
+    assert_eq!(first.dropped, ["spec.devices[*].taints"]);
+    assert_eq!(stored_taints(&server), 0);
+
+    server.clear_requests();
+    for _ in 0..2 {
+        let again = publisher.publish_devices(&tainted(1)).await.unwrap();
+        assert!(again.unchanged(), "{again:?}");
+        assert!(again.dropped.is_empty());
+    }
+    assert_eq!(server.writes(), []);
+
+    // A changed pool is written, and checked, again; the warning is not repeated.
+    let changed = publisher.publish_devices(&tainted(2)).await.unwrap();
+    assert_eq!(changed.updated, 1);
+    assert_eq!(changed.dropped, ["spec.devices[*].taints"]);
+    assert_eq!(
+        ours(server.slices())[0].spec.devices.as_ref().map(Vec::len),
+        Some(2)
+    );
+    let lines = warnings.lines_with("spec.devices[*].taints");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("feature gate"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_field_behind_an_enabled_gate_is_kept_and_not_reported() {
+    let (warnings, _guard) = Captured::warnings();
+    let (server, client, _) = server_with_node().await;
+    server.set_feature_gate(FeatureGate::DraDeviceTaints, true);
+    let publisher = SlicePublisher::new(client, DRIVER, NODE);
+    let first = publisher.publish_devices(&tainted(1)).await.unwrap();
+    assert_eq!(first.created, 1);
+    assert!(first.dropped.is_empty());
+    assert_eq!(stored_taints(&server), 1);
+    // The server stamps the taint's timeAdded; that is no reason to write again either.
+    server.clear_requests();
+    assert!(
+        publisher
+            .publish_devices(&tainted(1))
+            .await
+            .unwrap()
+            .unchanged()
+    );
+    assert_eq!(server.writes(), []);
+    assert_eq!(warnings.lines_with("WARN"), Vec::<String>::new());
 }

@@ -361,6 +361,11 @@ impl Default for Authz {
 }
 
 impl Authz {
+    /// The minor version served.
+    pub(crate) fn minor(&self) -> u32 {
+        self.minor
+    }
+
     /// The user a request's bearer token authenticates.
     fn authenticate(&self, token: Option<&str>) -> Result<User, Failure> {
         match token {

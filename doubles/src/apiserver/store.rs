@@ -249,6 +249,8 @@ pub(crate) struct Store {
     pub(crate) injected: Vec<InjectedFailure>,
     /// Tokens, RBAC policy and version (see `rbac`).
     pub(crate) rbac: super::rbac::Authz,
+    /// Feature gate overrides (see `gates`).
+    pub(crate) gates: super::gates::FeatureGates,
 }
 
 /// A failure the next matching requests get instead of being served.
@@ -546,6 +548,7 @@ impl Store {
                 "Invalid value: must be unset to create an object",
             ));
         }
+        self.prepare_slice_create(&mut slice);
         validate::slice(&slice)?;
         self.stamp_created(&mut slice.metadata, true);
         self.slices.insert(name, slice.clone());
@@ -619,13 +622,14 @@ impl Store {
         old: ResourceSlice,
         mut new: ResourceSlice,
     ) -> Result<ResourceSlice, Failure> {
+        let spec_changed = self.prepare_slice_update(&mut new, &old);
         validate::slice(&new)?;
         validate::slice_update(&old, &new)?;
-        if new == old {
+        if new == old && !spec_changed {
             // kube-apiserver skips writes that change nothing: no new resourceVersion.
             return Ok(old);
         }
-        if new.spec != old.spec {
+        if spec_changed {
             new.metadata.generation = Some(old.metadata.generation.unwrap_or(0) + 1);
         }
         new.metadata.resource_version = Some(self.next_revision());
@@ -654,7 +658,7 @@ impl Store {
 }
 
 /// The current time at the one-second precision kube-apiserver stores.
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     let now = Timestamp::now();
     Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
 }
