@@ -15,7 +15,7 @@ use can_dra_api::{ConfigError, MemberConfig, ResolvedMember};
 use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
 use kube::{Api, Client};
 
-pub use crate::driver::ClaimRef;
+pub use dra_kubeletplugin::driver::ClaimRef;
 
 /// `namespace/name`, the way every message of this module names a claim.
 pub(crate) fn label(claim: &ClaimRef) -> String {

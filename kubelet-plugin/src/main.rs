@@ -23,9 +23,7 @@ use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::hook::{self, HOOK_SOCKET_NAME};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
-use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
 use can_dra_kubelet_plugin::slices::SlicePublisher;
-use can_dra_kubelet_plugin::sockets::SocketLayout;
 use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_kubelet_plugin::tunnels::{self, KernelTunnelHost, TunnelSettings, Tunnels};
 use can_dra_kubelet_plugin::{cli::PluginArgs, logging};
@@ -33,6 +31,8 @@ use can_dra_proto::dra::v1::NodePrepareResourcesRequest;
 use can_dra_proto::dra::v1::dra_plugin_client::DraPluginClient;
 use can_dra_proto::registration::InfoRequest;
 use can_dra_proto::registration::registration_client::RegistrationClient;
+use dra_kubeletplugin::server::{PluginConfig, PluginServer};
+use dra_kubeletplugin::sockets::SocketLayout;
 
 /// How long each call of the health probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

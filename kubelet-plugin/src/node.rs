@@ -21,6 +21,9 @@ use can_dra_dataplane::bus::system::SystemKernel;
 use can_dra_dataplane::bus::{BusError, Buses, ReconcileReport};
 use can_dra_dataplane::link::{CanController, CanState};
 use can_dra_dataplane::netns::{Netns, NetnsId};
+use dra_kubeletplugin::driver::{
+    ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
@@ -28,9 +31,6 @@ use crate::canbuses::{CanBusReader, is_shared_pool};
 use crate::cdi::{CdiWriter, ClaimDevice};
 use crate::checkpoint::CheckpointStore;
 use crate::claims::{ClaimReader, KnownDevices};
-use crate::driver::{
-    ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
-};
 use crate::hook::{AttachRequest, Attacher, Requester};
 use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
 use crate::status::{DeviceReady, StatusWriter};

@@ -15,11 +15,11 @@ use can_dra_kubelet_plugin::adapters::{AdapterChange, AdapterWatch};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
-use can_dra_kubelet_plugin::driver::{ClaimRef, Driver, HealthStatus};
 use can_dra_kubelet_plugin::inventory::{ControllerState, Inventory, PhysicalController};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
 use can_dra_kubelet_plugin::slices::{SlicePublisher, slice_name};
 use can_dra_kubelet_plugin::status::StatusWriter;
+use dra_kubeletplugin::driver::{ClaimRef, Driver, HealthStatus};
 use serde_json::json;
 
 const NODE_CONFIG: &str =

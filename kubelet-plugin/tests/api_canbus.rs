@@ -14,10 +14,10 @@ use can_dra_kubelet_plugin::canbuses::CanBusReader;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
-use can_dra_kubelet_plugin::driver::{ClaimRef, ClaimUid, Driver, PreparedDevice};
 use can_dra_kubelet_plugin::inventory::Inventory;
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
 use can_dra_kubelet_plugin::status::StatusWriter;
+use dra_kubeletplugin::driver::{ClaimRef, ClaimUid, Driver, PreparedDevice};
 use serde_json::json;
 
 struct Rig {

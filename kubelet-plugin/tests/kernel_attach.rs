@@ -16,7 +16,6 @@ use can_dra_api::Bitrate;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
-use can_dra_kubelet_plugin::driver::{ClaimRef, Driver};
 use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
@@ -24,6 +23,7 @@ use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_testkit::{
     Candump, Host, TestNetns, cangw_rules_uncounted, cansend, link_in, links_in,
 };
+use dra_kubeletplugin::driver::{ClaimRef, Driver};
 use serde_json::json;
 
 /// Names of the links in the test's namespace that the driver owns (`cdra` prefix).

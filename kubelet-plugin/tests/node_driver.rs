@@ -19,9 +19,9 @@ use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
-use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
 use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_proto::dra::v1::Claim;
+use dra_kubeletplugin::server::{PluginConfig, PluginServer};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -411,8 +411,8 @@ async fn the_daemon_publishes_serves_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
-    use can_dra_kubelet_plugin::driver::{DeviceHealth, Driver, HealthStatus};
     use can_dra_kubelet_plugin::inventory::{ControllerState, PhysicalController};
+    use dra_kubeletplugin::driver::{DeviceHealth, Driver, HealthStatus};
 
     let root = tempfile::tempdir().unwrap();
     let (_api, client, _) = server_with_node().await;

@@ -30,7 +30,7 @@ pub const SERIALIZE_LOCK_FILE: &str = "serialize.lock";
 ///
 /// `sun_path` has 108 bytes; the kubelet's Go helper accepts paths of exactly 108 bytes
 /// (no terminating NUL), but Rust's socket address conversion insists on the NUL, so one byte
-/// less is the real limit for this daemon.
+/// less is the real limit here.
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 /// Errors of socket naming, binding and removal.
@@ -90,19 +90,19 @@ impl SocketError {
 ///
 /// ```
 /// use std::path::Path;
-/// use can_dra_kubelet_plugin::sockets::SocketLayout;
+/// use dra_kubeletplugin::sockets::SocketLayout;
 ///
 /// let layout = SocketLayout::new(
-///     "can.dra.dev",
+///     "dra.example",
 ///     Path::new("/var/lib/kubelet/plugins"),
 ///     Path::new("/var/lib/kubelet/plugins_registry"),
 ///     None,
 /// )
 /// .unwrap();
-/// assert_eq!(layout.service_socket, Path::new("/var/lib/kubelet/plugins/can.dra.dev/dra.sock"));
+/// assert_eq!(layout.service_socket, Path::new("/var/lib/kubelet/plugins/dra.example/dra.sock"));
 /// assert_eq!(
 ///     layout.registration_socket,
-///     Path::new("/var/lib/kubelet/plugins_registry/can.dra.dev-reg.sock")
+///     Path::new("/var/lib/kubelet/plugins_registry/dra.example-reg.sock")
 /// );
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,8 +328,8 @@ mod tests {
 
     #[test]
     fn full_uid_is_kept_when_it_fits() {
-        let name = rolling_update_registration_file(Path::new(REGISTRY), "can.dra.dev", UID);
-        assert_eq!(name, format!("can.dra.dev-{UID}-reg.sock"));
+        let name = rolling_update_registration_file(Path::new(REGISTRY), "dra.example", UID);
+        assert_eq!(name, format!("dra.example-{UID}-reg.sock"));
     }
 
     #[test]
@@ -400,7 +400,7 @@ mod tests {
     #[test]
     fn layout_without_rolling_update() {
         let layout = SocketLayout::new(
-            "can.dra.dev",
+            "dra.example",
             Path::new("/var/lib/kubelet/plugins/"),
             Path::new("/var/lib/kubelet/./plugins_registry"),
             None,
@@ -408,15 +408,15 @@ mod tests {
         .unwrap();
         assert_eq!(
             layout.service_socket,
-            Path::new("/var/lib/kubelet/plugins/can.dra.dev/dra.sock")
+            Path::new("/var/lib/kubelet/plugins/dra.example/dra.sock")
         );
         assert_eq!(
             layout.registration_socket,
-            Path::new("/var/lib/kubelet/plugins_registry/can.dra.dev-reg.sock")
+            Path::new("/var/lib/kubelet/plugins_registry/dra.example-reg.sock")
         );
         assert_eq!(
             layout.serialize_lock(),
-            Path::new("/var/lib/kubelet/plugins/can.dra.dev/serialize.lock")
+            Path::new("/var/lib/kubelet/plugins/dra.example/serialize.lock")
         );
         assert!(!layout.rolling_update);
     }
@@ -425,17 +425,17 @@ mod tests {
     fn layout_with_rolling_update_is_unique_per_pod() {
         let plugins = Path::new("/var/lib/kubelet/plugins");
         let registry = Path::new(REGISTRY);
-        let layout = SocketLayout::new("can.dra.dev", plugins, registry, Some(UID)).unwrap();
+        let layout = SocketLayout::new("dra.example", plugins, registry, Some(UID)).unwrap();
         assert_eq!(
             layout.service_socket,
-            plugins.join("can.dra.dev").join(format!("dra-{UID}.sock"))
+            plugins.join("dra.example").join(format!("dra-{UID}.sock"))
         );
         assert_eq!(
             layout.registration_socket,
-            registry.join(format!("can.dra.dev-{UID}-reg.sock"))
+            registry.join(format!("dra.example-{UID}-reg.sock"))
         );
         assert!(layout.rolling_update);
-        let other = SocketLayout::new("can.dra.dev", plugins, registry, Some("b")).unwrap();
+        let other = SocketLayout::new("dra.example", plugins, registry, Some("b")).unwrap();
         assert_ne!(other.service_socket, layout.service_socket);
         assert_ne!(other.registration_socket, layout.registration_socket);
         assert_eq!(other.plugin_data_dir, layout.plugin_data_dir);
@@ -454,7 +454,7 @@ mod tests {
                 }
             ));
         }
-        let error = SocketLayout::new("can.dra.dev", dir, dir, Some("x/y")).unwrap_err();
+        let error = SocketLayout::new("dra.example", dir, dir, Some("x/y")).unwrap_err();
         assert!(matches!(
             error,
             SocketError::InvalidName {
@@ -464,7 +464,7 @@ mod tests {
         ));
 
         let deep = Path::new("/").join("d".repeat(100));
-        let error = SocketLayout::new("can.dra.dev", &deep, dir, None).unwrap_err();
+        let error = SocketLayout::new("dra.example", &deep, dir, None).unwrap_err();
         assert!(matches!(error, SocketError::PathTooLong { .. }), "{error}");
     }
 }

@@ -4,7 +4,7 @@
 //! driver's health feed, and again every [`HealthOptions::resend_interval`] so that the
 //! kubelet, which turns devices Unknown when their last report is older than
 //! `health_check_timeout_seconds`, keeps seeing fresh reports while nothing changes. Streams
-//! end cleanly when the daemon shuts down (the server's graceful stop waits for them).
+//! end cleanly when the plugin shuts down (the server's graceful stop waits for them).
 
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
@@ -259,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn resends_while_nothing_changes_and_ends_on_shutdown() {
-        let (_sender, feed) = watch::channel(vec![device("can0-m0", HealthStatus::Healthy)]);
+        let (_sender, feed) = watch::channel(vec![device("dev0", HealthStatus::Healthy)]);
         let shutdown = CancellationToken::new();
         let options = HealthOptions {
             resend_interval: Duration::from_millis(100),

@@ -1,4 +1,4 @@
-//! The kubelet-facing gRPC side of the node daemon, exercised over its real unix sockets by the
+//! The kubelet-facing gRPC side of a DRA plugin, exercised over its real unix sockets by the
 //! kubelet test double, with a fake driver that records what reaches it.
 
 // Test helpers outside #[test] functions may unwrap too.
@@ -12,19 +12,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use can_dra_doubles::kubelet::{DraVersion, HealthVersion, KubeletDouble, KubeletError};
-use can_dra_kubelet_plugin::driver::{
-    ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
-};
-use can_dra_kubelet_plugin::health::HealthOptions;
-use can_dra_kubelet_plugin::registration::RegistrationOutcome;
-use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer, ServerError};
-use can_dra_kubelet_plugin::sockets::SocketError;
 use can_dra_proto::dra::v1::Claim;
 use can_dra_proto::health::v1::HealthStatus as WireHealth;
+use dra_kubeletplugin::driver::{
+    ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, HealthStatus, PreparedDevice,
+};
+use dra_kubeletplugin::health::HealthOptions;
+use dra_kubeletplugin::registration::RegistrationOutcome;
+use dra_kubeletplugin::server::{PluginConfig, PluginServer, ServerError};
+use dra_kubeletplugin::sockets::SocketError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-const DRIVER: &str = "can.dra.dev";
+const DRIVER: &str = "dra.example";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -62,7 +62,7 @@ impl FakeDriver {
 
     /// Several drivers (one per plugin instance) counting concurrency together.
     fn sharing_counters(in_flight: Arc<AtomicUsize>, max: Arc<AtomicUsize>) -> Arc<Self> {
-        let (health, _) = watch::channel(vec![device_health("can0-m0", HealthStatus::Healthy, "")]);
+        let (health, _) = watch::channel(vec![device_health("dev0", HealthStatus::Healthy, "")]);
         Arc::new(Self {
             calls: Mutex::default(),
             script: Mutex::default(),
@@ -108,7 +108,7 @@ impl FakeDriver {
             .filter(|c| !omit.contains(&c.uid))
             .map(|c| {
                 let result = if fail.contains(&c.uid) {
-                    Err(format!("bus for {} is down", c.name))
+                    Err(format!("device for {} is down", c.name))
                 } else {
                     Ok(answer(c))
                 };
@@ -120,10 +120,10 @@ impl FakeDriver {
 
 fn prepared(claim: &ClaimRef) -> Vec<PreparedDevice> {
     vec![PreparedDevice {
-        request_names: vec!["can".into()],
+        request_names: vec!["device".into()],
         pool_name: "node-a".into(),
-        device_name: "can0-m0".into(),
-        cdi_device_ids: vec![format!("k8s.can.dra.dev/can={}", claim.uid)],
+        device_name: "dev0".into(),
+        cdi_device_ids: vec![format!("dra.example/device={}", claim.uid)],
         share_id: Some(format!("share-{}", claim.uid)),
     }]
 }
@@ -221,7 +221,7 @@ async fn registration_announces_the_driver_and_records_the_kubelets_answer() {
     let _hidden = StdUnixListener::bind(dirs.registry.join(".hidden-reg.sock")).unwrap();
     let kubelet = KubeletDouble::new(&dirs.registry);
     let sockets = kubelet.registration_sockets().unwrap();
-    assert_eq!(sockets, [dirs.registry.join("can.dra.dev-reg.sock")]);
+    assert_eq!(sockets, [dirs.registry.join("dra.example-reg.sock")]);
 
     let info = kubelet.get_info(&sockets[0]).await.unwrap();
     assert_eq!(info.r#type, "DRAPlugin");
@@ -318,13 +318,10 @@ async fn prepare_and_unprepare_over_v1_carry_share_ids() {
         assert_eq!(entry.error, "");
         assert_eq!(entry.devices.len(), 1);
         let device = &entry.devices[0];
-        assert_eq!(device.request_names, ["can"]);
+        assert_eq!(device.request_names, ["device"]);
         assert_eq!(device.pool_name, "node-a");
-        assert_eq!(device.device_name, "can0-m0");
-        assert_eq!(
-            device.cdi_device_ids,
-            [format!("k8s.can.dra.dev/can={uid}")]
-        );
+        assert_eq!(device.device_name, "dev0");
+        assert_eq!(device.cdi_device_ids, [format!("dra.example/device={uid}")]);
         assert_eq!(
             device.share_id.as_deref(),
             Some(format!("share-{uid}").as_str())
@@ -361,8 +358,8 @@ async fn prepare_and_unprepare_over_v1beta1_drop_share_ids() {
     let entry = &answer.claims["u1"];
     assert_eq!(entry.error, "");
     assert_eq!(entry.devices.len(), 1);
-    assert_eq!(entry.devices[0].device_name, "can0-m0");
-    assert_eq!(entry.devices[0].cdi_device_ids, ["k8s.can.dra.dev/can=u1"]);
+    assert_eq!(entry.devices[0].device_name, "dev0");
+    assert_eq!(entry.devices[0].cdi_device_ids, ["dra.example/device=u1"]);
     assert_eq!(entry.devices[0].share_id, None);
 
     let answer = plugin.unprepare(vec![claim("u1")]).await.unwrap();
@@ -444,7 +441,7 @@ async fn per_claim_errors_stay_per_claim_and_whole_call_errors_are_grpc_errors()
         .unwrap();
     assert_eq!(answer.claims["good"].error, "");
     assert_eq!(answer.claims["good"].devices.len(), 1);
-    assert_eq!(answer.claims["bad"].error, "bus for claim-bad is down");
+    assert_eq!(answer.claims["bad"].error, "device for claim-bad is down");
     assert!(answer.claims["bad"].devices.is_empty());
 
     driver.script(|s| {
@@ -545,7 +542,7 @@ async fn rolling_update_instances_coexist_and_serialise_through_the_lock_file() 
     );
     assert_eq!(
         new.layout().registration_socket,
-        dirs.registry.join("can.dra.dev-new-pod-uid-reg.sock")
+        dirs.registry.join("dra.example-new-pod-uid-reg.sock")
     );
 
     let kubelet = KubeletDouble::new(&dirs.registry);
@@ -590,7 +587,7 @@ async fn rolling_update_instances_coexist_and_serialise_through_the_lock_file() 
 async fn a_stale_socket_at_our_path_is_replaced_but_other_files_are_not() {
     let dirs = dirs();
     let service = dirs.plugins.join(DRIVER).join("dra.sock");
-    let registration = dirs.registry.join("can.dra.dev-reg.sock");
+    let registration = dirs.registry.join("dra.example-reg.sock");
     std::fs::create_dir_all(service.parent().unwrap()).unwrap();
     // Sockets left behind by a crashed instance: the files stay after the listeners close.
     drop(StdUnixListener::bind(&service).unwrap());
@@ -682,7 +679,7 @@ async fn the_health_stream_reports_an_unhealthy_device_promptly() {
     for version in [HealthVersion::V1, HealthVersion::V1alpha1] {
         driver
             .health
-            .send_replace(vec![device_health("can0-m0", HealthStatus::Healthy, "")]);
+            .send_replace(vec![device_health("dev0", HealthStatus::Healthy, "")]);
         let mut watch = plugin.watch_health_version(version).await.unwrap();
         let first = watch.next().await.unwrap().unwrap();
         assert_eq!(first.len(), 1);
@@ -691,13 +688,13 @@ async fn the_health_stream_reports_an_unhealthy_device_promptly() {
         let id = first[0].device.clone().unwrap();
         assert_eq!(
             (id.pool_name.as_str(), id.device_name.as_str()),
-            ("node-a", "can0-m0")
+            ("node-a", "dev0")
         );
 
         let changed = Instant::now();
         driver.health.send_replace(vec![
-            device_health("can0-m0", HealthStatus::Unhealthy, "bus-off"),
-            device_health("can1-m0", HealthStatus::Healthy, ""),
+            device_health("dev0", HealthStatus::Unhealthy, "link down"),
+            device_health("dev1", HealthStatus::Healthy, ""),
         ]);
         let report = tokio::time::timeout(Duration::from_secs(2), watch.next())
             .await
@@ -707,7 +704,7 @@ async fn the_health_stream_reports_an_unhealthy_device_promptly() {
         let latency = changed.elapsed();
         assert_eq!(report.len(), 2, "every report is the complete list");
         assert_eq!(report[0].health, WireHealth::Unhealthy as i32);
-        assert_eq!(report[0].message, "bus-off");
+        assert_eq!(report[0].message, "link down");
         assert_eq!(report[1].health, WireHealth::Healthy as i32);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

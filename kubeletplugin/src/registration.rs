@@ -2,7 +2,7 @@
 //!
 //! The kubelet discovers the socket, asks [`GetInfo`](RegistrationService) who we are and which
 //! services we speak, then reports the outcome through `NotifyRegistrationStatus`, which we
-//! keep observable for the rest of the daemon (readiness, logs).
+//! keep observable for the rest of the driver (readiness, logs).
 
 use std::path::Path;
 
@@ -116,15 +116,15 @@ mod tests {
 
     #[tokio::test]
     async fn info_names_the_driver_and_its_endpoint() {
-        let service = RegistrationService::new("can.dra.dev", Path::new("/p/can.dra.dev/dra.sock"));
+        let service = RegistrationService::new("dra.example", Path::new("/p/dra.example/dra.sock"));
         let info = service
             .get_info(Request::new(InfoRequest {}))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(info.r#type, "DRAPlugin");
-        assert_eq!(info.name, "can.dra.dev");
-        assert_eq!(info.endpoint, "/p/can.dra.dev/dra.sock");
+        assert_eq!(info.name, "dra.example");
+        assert_eq!(info.endpoint, "/p/dra.example/dra.sock");
         assert_eq!(
             info.supported_versions,
             [
@@ -138,7 +138,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rejection_is_stored_and_answered_with_an_error() {
-        let service = RegistrationService::new("can.dra.dev", Path::new("/s"));
+        let service = RegistrationService::new("dra.example", Path::new("/s"));
         let outcome = service.outcome();
         assert_eq!(*outcome.borrow(), None);
         let status = service

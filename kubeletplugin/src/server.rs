@@ -12,14 +12,14 @@
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # use can_dra_kubelet_plugin::driver::Driver;
-//! use can_dra_kubelet_plugin::server::{PluginConfig, PluginServer};
+//! # use dra_kubeletplugin::driver::Driver;
+//! use dra_kubeletplugin::server::{PluginConfig, PluginServer};
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn run<D: Driver>(driver: Arc<D>) -> Result<(), Box<dyn std::error::Error>> {
 //! let shutdown = CancellationToken::new(); // cancelled by the SIGTERM handler
 //! let config = PluginConfig::new(
-//!     "can.dra.dev",
+//!     "dra.example",
 //!     "/var/lib/kubelet/plugins",
 //!     "/var/lib/kubelet/plugins_registry",
 //! );
@@ -41,10 +41,11 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Server;
 
 use crate::authority::AuthorityShim;
-use crate::dra::{DraService, Serializer};
+use crate::dra::DraService;
 use crate::driver::Driver;
 use crate::health::{HealthOptions, HealthService};
 use crate::registration::{RegistrationOutcome, RegistrationService};
+use crate::serializer::Serializer;
 use crate::sockets::{self, SocketError, SocketFile, SocketLayout};
 
 /// What the servers need to know.

@@ -1,4 +1,4 @@
-//! The seam between the kubelet-facing gRPC layer and the CAN driver logic.
+//! The seam between the kubelet-facing gRPC layer and a driver's own logic.
 //!
 //! The gRPC layer ([`crate::dra`], [`crate::health`]) speaks the kubelet's wire types; the
 //! driver behind it sees only the plain types of this module and the [`Driver`] trait. That
@@ -7,7 +7,7 @@
 //!
 //! ```
 //! use std::collections::HashMap;
-//! use can_dra_kubelet_plugin::driver::{
+//! use dra_kubeletplugin::driver::{
 //!     ClaimRef, ClaimUid, DeviceHealth, Driver, DriverError, PreparedDevice,
 //! };
 //! use tokio::sync::watch;
@@ -26,10 +26,10 @@
 //!             .into_iter()
 //!             .map(|claim| {
 //!                 let device = PreparedDevice {
-//!                     request_names: vec!["can".into()],
+//!                     request_names: vec!["device".into()],
 //!                     pool_name: "node-a".into(),
-//!                     device_name: "can0-m0".into(),
-//!                     cdi_device_ids: vec![format!("k8s.can.dra.dev/can={}", claim.uid)],
+//!                     device_name: "dev0".into(),
+//!                     cdi_device_ids: vec![format!("dra.example/device={}", claim.uid)],
 //!                     share_id: None,
 //!                 };
 //!                 (claim.uid, Ok(vec![device]))
@@ -99,7 +99,7 @@ pub struct PreparedDevice {
 pub enum HealthStatus {
     /// The device works normally.
     Healthy,
-    /// The device has a problem (bus-off, adapter unplugged, ...).
+    /// The device has a problem (a link down, hardware unplugged, ...).
     Unhealthy,
     /// The driver cannot tell.
     Unknown,
@@ -134,7 +134,7 @@ pub enum DriverError {
     Internal(String),
 }
 
-/// The CAN driver logic as the gRPC layer sees it.
+/// A DRA driver's node-side logic as the gRPC layer sees it.
 ///
 /// Calls to [`prepare`](Driver::prepare) and [`unprepare`](Driver::unprepare) are serialised by
 /// the caller, so an implementation never runs two of them at once (also across plugin

@@ -5,7 +5,7 @@
 //! (`pkg/kubelet/pluginmanager/operationexecutor/operation_generator.go`, `dial()`), and grpc-go
 //! then sends the socket path as the HTTP/2 `:authority`: percent-encoded by `encodeAuthority`
 //! (`%2Fvar%2Flib%2Fkubelet%2Fplugins_registry%2F...`), or raw (`/var/lib/...`) from older
-//! grpc-go. Other clients send an empty authority. The daemon's servers run on tonic, hyper and
+//! grpc-go. Other clients send an empty authority. The plugin's servers run on tonic, hyper and
 //! h2, and h2 resets every stream whose `:authority` does not parse as an
 //! [`http::uri::Authority`] (`src/server.rs`, `convert_poll_message`: "malformed headers:
 //! malformed authority", RST_STREAM PROTOCOL_ERROR). So the real kubelet could not call
@@ -40,9 +40,9 @@
 //! # When it can go
 //! When h2 accepts such authorities (PR #487 or an equivalent), or the kubelet sends `localhost`
 //! for the registration dial too and every supported kubelet does so: then `Side::spawn` in
-//! [`crate::server`] serves the plain `UnixStream` again and this module is deleted. The grpcio
-//! test `kubelet-plugin/tests/grpcio_kubelet.rs` shows whether it is still needed (it fails
-//! without the shim for as long as h2 refuses the authorities).
+//! [`crate::server`] serves the plain `UnixStream` again and this module is deleted. A client of
+//! another gRPC stack that sends these authorities (Python grpcio can, tonic cannot) shows
+//! whether it is still needed: it fails without the shim for as long as h2 refuses them.
 
 use std::io;
 use std::pin::Pin;
@@ -652,8 +652,8 @@ mod tests {
     }
 
     const BAD: [&str; 3] = [
-        "%2Fvar%2Flib%2Fkubelet%2Fplugins_registry%2Fcan.dra.dev-reg.sock",
-        "/var/lib/kubelet/plugins_registry/can.dra.dev-reg.sock",
+        "%2Fvar%2Flib%2Fkubelet%2Fplugins_registry%2Fdra.example-reg.sock",
+        "/var/lib/kubelet/plugins_registry/dra.example-reg.sock",
         "",
     ];
 
