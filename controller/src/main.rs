@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use can_dra_controller::canbus::{CanBus, crd_yaml};
+use can_dra_cluster::canbus::{CanBus, crd_yaml};
 use can_dra_controller::cleanup;
 use can_dra_controller::lease::LeaderLease;
 use can_dra_controller::reconciler::{

@@ -11,7 +11,7 @@
 //! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
 //! - [`node`]: the node driver joining claims, checkpoint, CDI, status and the data plane.
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
-//! - [`canbuses`]: cluster-wide buses (CanBus resources) as the node reads them.
+//! - [`shared_buses`]: reading cluster-wide buses (CanBus resources) as the node needs them.
 //! - [`tunnels`]: one tunnel endpoint per cluster-wide bus, joined to the node's bus mesh.
 //!
 //! The kernel work itself lives in the `can-dra-dataplane` crate; the wire contracts with the
@@ -21,7 +21,6 @@
 
 pub mod adapters;
 pub mod authority;
-pub mod canbuses;
 pub mod cdi;
 pub mod checkpoint;
 pub mod claims;
@@ -36,6 +35,7 @@ pub mod logging;
 pub mod node;
 pub mod registration;
 pub mod server;
+pub mod shared_buses;
 pub mod slices;
 pub mod sockets;
 pub mod status;

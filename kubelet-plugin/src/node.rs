@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use can_dra_api::{FrameFormat, ResolvedMember, ShapingDirection};
+use can_dra_cluster::naming::is_bus_pool;
 use can_dra_dataplane::bus::kernel::KernelError;
 use can_dra_dataplane::bus::model::DesiredState;
 use can_dra_dataplane::bus::model::{Access, BusSpec, CanFilter, MemberSpec, NetnsRef, Shaping};
@@ -24,7 +25,6 @@ use can_dra_dataplane::netns::{Netns, NetnsId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
-use crate::canbuses::{CanBusReader, is_shared_pool};
 use crate::cdi::{CdiWriter, ClaimDevice};
 use crate::checkpoint::CheckpointStore;
 use crate::claims::{ClaimReader, KnownDevices};
@@ -33,6 +33,7 @@ use crate::driver::{
 };
 use crate::hook::{AttachRequest, Attacher, Requester};
 use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
+use crate::shared_buses::CanBusReader;
 use crate::status::{DeviceReady, StatusWriter};
 
 /// The checkpointed state of the node: every prepared claim, by UID.
@@ -644,7 +645,7 @@ impl NodeDriver {
         pool: &str,
         device: &str,
     ) -> Result<(SlotInfo, Option<bool>), String> {
-        if !is_shared_pool(pool) {
+        if !is_bus_pool(pool) {
             let slot = self
                 .slot(device)
                 .filter(|_| pool == self.parts.node)
