@@ -119,6 +119,29 @@ pub async fn delete_slices(
     Ok(deleted)
 }
 
+/// `driver`'s slices that field selector `selector` lists (it should select on `spec.driver`,
+/// see [`crate::naming`]) and `keep` accepts: slices of other drivers are never returned, whatever
+/// the server answered.
+pub async fn list_slices(
+    api: &Api<ResourceSlice>,
+    driver: &str,
+    selector: &str,
+    keep: impl Fn(&ResourceSlice) -> bool,
+) -> Result<Vec<ResourceSlice>, PublishError> {
+    let listed = api
+        .list(&ListParams::default().fields(selector))
+        .await
+        .map_err(|source| PublishError::List {
+            what: selector.to_owned(),
+            source,
+        })?;
+    Ok(listed
+        .items
+        .into_iter()
+        .filter(|s| s.spec.driver == driver && keep(s))
+        .collect())
+}
+
 /// Publishes pools of one driver. Clones share what the server kept of the slices written.
 #[derive(Clone)]
 pub struct PoolPublisher {
@@ -179,26 +202,13 @@ impl PoolPublisher {
         Ok(self.delete(existing).await?.len())
     }
 
-    /// The driver's slices `selector` lists (it must select on `spec.driver`, see
-    /// [`crate::naming`]) that `keep` accepts; slices of other drivers are never returned.
+    /// The driver's slices `selector` lists that `keep` accepts (see [`list_slices`]).
     pub async fn list(
         &self,
         selector: &str,
         keep: impl Fn(&ResourceSlice) -> bool,
     ) -> Result<Vec<ResourceSlice>, PublishError> {
-        let listed = self
-            .api()
-            .list(&ListParams::default().fields(selector))
-            .await
-            .map_err(|source| PublishError::List {
-                what: selector.to_owned(),
-                source,
-            })?;
-        Ok(listed
-            .items
-            .into_iter()
-            .filter(|s| s.spec.driver == self.driver && keep(s))
-            .collect())
+        list_slices(&self.api(), &self.driver, selector, keep).await
     }
 
     /// Deletes `slices` (see [`delete_slices`]) and forgets what the server kept of them.

@@ -9,10 +9,9 @@
 use std::collections::BTreeSet;
 
 use can_dra_cluster::naming::{driver_selector, node_pools_selector};
-use can_dra_cluster::publisher::{PublishError, delete_slices};
+use can_dra_cluster::publisher::{delete_slices, list_slices};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
-use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::bus_pool::SliceError;
@@ -40,24 +39,13 @@ async fn node_slices(
         Some(node) => node_pools_selector(driver, node),
         None => driver_selector(driver),
     };
-    let listed = api
-        .list(&ListParams::default().fields(&selector))
-        .await
-        .map_err(|source| PublishError::List {
-            what: selector.clone(),
-            source,
-        })?;
-    Ok(listed
-        .items
-        .into_iter()
-        .filter(|s| {
-            s.spec.driver == driver
-                && s.spec
-                    .node_name
-                    .as_deref()
-                    .is_some_and(|n| !n.is_empty() && n == s.spec.pool.name)
-        })
-        .collect())
+    Ok(list_slices(api, driver, &selector, |s| {
+        s.spec
+            .node_name
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && n == s.spec.pool.name)
+    })
+    .await?)
 }
 
 /// Deletes the driver's slices of node `node`, which was deleted; returns how many.
