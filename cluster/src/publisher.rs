@@ -293,39 +293,33 @@ impl PoolPublisher {
         let mut dropped = BTreeSet::new();
         for mut slice in pool.resource_slices(&self.driver, report.generation) {
             let name = slice.metadata.name.clone().unwrap_or_default();
-            let written = match find(&slice.metadata.name) {
+            let (action, outcome) = match find(&slice.metadata.name) {
                 Some(old) => {
                     // Keep what others put in the metadata; take our spec and owner.
                     let mut metadata = old.metadata.clone();
                     metadata.owner_references = slice.metadata.owner_references.take();
                     metadata.managed_fields = None;
                     slice.metadata = metadata;
-                    let written = self
+                    let outcome = self
                         .api()
                         .replace(&name, &PostParams::default(), &slice)
-                        .await
-                        .map_err(|source| PublishError::Write {
-                            action: "update",
-                            name: name.clone(),
-                            source,
-                        })?;
-                    report.updated += 1;
-                    written
+                        .await;
+                    ("update", outcome)
                 }
                 None => {
-                    let written = self
-                        .api()
-                        .create(&PostParams::default(), &slice)
-                        .await
-                        .map_err(|source| PublishError::Write {
-                            action: "create",
-                            name: name.clone(),
-                            source,
-                        })?;
-                    report.created += 1;
-                    written
+                    let outcome = self.api().create(&PostParams::default(), &slice).await;
+                    ("create", outcome)
                 }
             };
+            let written = outcome.map_err(|source| PublishError::Write {
+                action,
+                name: name.clone(),
+                source,
+            })?;
+            match action {
+                "update" => report.updated += 1,
+                _ => report.created += 1,
+            }
             dropped.extend(self.edits().record(&name, &slice.spec, &written.spec));
         }
         report.dropped = dropped.into_iter().collect();

@@ -246,16 +246,7 @@ impl BusPools {
     /// Makes `bus`'s pool say exactly what the bus asks for, writing only if something differs.
     pub async fn publish(&self, bus: &CanBus) -> Result<PublishReport, SliceError> {
         let pool = desired_pool(bus, self.publisher.driver())?;
-        let report = self.publisher.publish(&pool).await?;
-        if !report.unchanged() {
-            tracing::info!(
-                bus = %bus.name_any(),
-                generation = report.generation,
-                members = bus.spec.max_members,
-                "published the ResourceSlices of a CanBus"
-            );
-        }
-        Ok(report)
+        Ok(self.publisher.publish(&pool).await?)
     }
 
     /// Deletes every slice of bus `bus`'s pool (the bus is gone); returns how many went.
