@@ -41,9 +41,9 @@ const SYNC_ATTEMPTS: usize = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The slices could not be listed.
-    #[error("cannot list the ResourceSlices of {what}: {source}")]
+    #[error("cannot list the ResourceSlices {what}: {source}")]
     List {
-        /// What was listed: `pool <name>` or `node <name>`, or the selector.
+        /// Which: `of pool <name>`, or `selected by <field selector>`.
         what: String,
         /// The client error.
         #[source]
@@ -132,7 +132,7 @@ pub async fn list_slices(
         .list(&ListParams::default().fields(selector))
         .await
         .map_err(|source| PublishError::List {
-            what: selector.to_owned(),
+            what: format!("selected by {selector}"),
             source,
         })?;
     Ok(listed
@@ -239,7 +239,7 @@ impl PoolPublisher {
             .await
             .map_err(|error| match error {
                 PublishError::List { source, .. } => PublishError::List {
-                    what: format!("pool {pool}"),
+                    what: format!("of pool {pool}"),
                     source,
                 },
                 other => other,
