@@ -8,41 +8,25 @@
 
 use std::collections::BTreeSet;
 
+use can_dra_cluster::naming::{driver_selector, node_pools_selector};
+use can_dra_cluster::publisher::{delete_slices, list_slices};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
-use kube::api::{DeleteParams, ListParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 
-use crate::slices::SliceError;
+use crate::bus_pool::SliceError;
 
-fn is_gone(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 404)
-}
-
-/// Deletes `slices`, counting those this call removed (one already gone is not an error).
+/// Deletes `slices` of deleted nodes, counting those this call removed (one already gone is not
+/// an error).
 async fn delete_all(
     api: &Api<ResourceSlice>,
     slices: Vec<ResourceSlice>,
 ) -> Result<usize, SliceError> {
-    let mut deleted = 0;
-    for slice in slices {
-        let name = slice.name_any();
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {
-                tracing::info!(slice = %name, node = ?slice.spec.node_name, "deleted the slice of a deleted node");
-                deleted += 1;
-            }
-            Err(error) if is_gone(&error) => {}
-            Err(source) => {
-                return Err(SliceError::Write {
-                    action: "delete",
-                    name,
-                    source,
-                });
-            }
-        }
+    let deleted = delete_slices(api, slices).await?;
+    for slice in &deleted {
+        tracing::info!(slice = ?slice.metadata.name, node = ?slice.spec.node_name, "deleted the slice of a deleted node");
     }
-    Ok(deleted)
+    Ok(deleted.len())
 }
 
 /// The driver's node-local slices, optionally of one node.
@@ -51,27 +35,17 @@ async fn node_slices(
     driver: &str,
     node: Option<&str>,
 ) -> Result<Vec<ResourceSlice>, SliceError> {
-    let mut selector = format!("spec.driver={driver}");
-    if let Some(node) = node {
-        selector.push_str(&format!(",spec.nodeName={node}"));
-    }
-    let listed = api
-        .list(&ListParams::default().fields(&selector))
-        .await
-        .map_err(|source| SliceError::List {
-            pool: node.unwrap_or("<node-local pools>").to_owned(),
-            source,
-        })?;
-    Ok(listed
-        .items
-        .into_iter()
-        .filter(|s| {
-            s.spec
-                .node_name
-                .as_deref()
-                .is_some_and(|n| !n.is_empty() && n == s.spec.pool.name)
-        })
-        .collect())
+    let selector = match node {
+        Some(node) => node_pools_selector(driver, node),
+        None => driver_selector(driver),
+    };
+    Ok(list_slices(api, driver, &selector, |s| {
+        s.spec
+            .node_name
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && n == s.spec.pool.name)
+    })
+    .await?)
 }
 
 /// Deletes the driver's slices of node `node`, which was deleted; returns how many.
@@ -108,9 +82,7 @@ pub async fn sweep_node_slices(
                     gone.insert(node.clone());
                 }
                 Ok(Some(_)) => {}
-                Err(source) => {
-                    return Err(SliceError::List { pool: node, source });
-                }
+                Err(source) => return Err(SliceError::Node { node, source }),
             }
         }
         if gone.contains(&node) {

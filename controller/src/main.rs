@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use can_dra_controller::canbus::{CanBus, crd_yaml};
+use can_dra_cluster::canbus::{CanBus, crd_yaml};
+use can_dra_cluster::naming::driver_selector;
 use can_dra_controller::cleanup;
 use can_dra_controller::lease::LeaderLease;
 use can_dra_controller::reconciler::{
@@ -198,7 +199,7 @@ fn cluster_watches(
     let controller = Controller::new(buses, watcher::Config::default())
         .owns(
             slices,
-            watcher::Config::default().fields(&format!("spec.driver={driver}")),
+            watcher::Config::default().fields(&driver_selector(driver)),
         )
         .with_config(controller::Config::default().debounce(DEBOUNCE));
     let (claims, claim_events) = reflect(

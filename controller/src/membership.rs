@@ -10,12 +10,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use can_dra_cluster::canbus::CanBus;
+use can_dra_cluster::naming::pool_name;
 use k8s_openapi::api::core::v1::{Node, NodeSelector, NodeSelectorRequirement, Pod};
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use kube::ResourceExt;
-
-use crate::canbus::CanBus;
-use crate::slices::pool_name;
 
 /// The lowest port the controller assigns to a bus tunnel that does not set `spec.tunnelPort`.
 pub const FIRST_TUNNEL_PORT: u16 = 47000;
@@ -257,7 +256,7 @@ pub fn tunnel_port(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::canbus::{CanBusSpec, CanBusStatus, PhysicalAttachment};
+    use can_dra_cluster::canbus::{CanBusSpec, CanBusStatus, PhysicalAttachment};
     use k8s_openapi::api::core::v1::{NodeAddress, NodeSelectorTerm, NodeStatus, PodSpec};
     use k8s_openapi::api::resource::v1::{
         AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult,

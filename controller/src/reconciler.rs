@@ -10,6 +10,8 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use can_dra_cluster::canbus::CanBus;
+use can_dra_cluster::naming::pool_name;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -20,9 +22,8 @@ use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{Lookup, Store};
 use kube::{Api, Client, ResourceExt};
 
-use crate::canbus::CanBus;
+use crate::bus_pool::{BusPools, SliceError};
 use crate::membership::{self, ClusterView};
-use crate::slices::{BusSlicePublisher, SliceError, pool_name};
 use crate::status::{Observation, Problem, desired_status, status_patch};
 
 /// Errors of one reconcile.
@@ -49,7 +50,7 @@ pub enum ReconcileError {
 pub struct Context {
     client: Client,
     driver: String,
-    publisher: BusSlicePublisher,
+    publisher: BusPools,
     buses: Store<CanBus>,
     claims: Store<ResourceClaim>,
     pods: Store<Pod>,
@@ -85,7 +86,7 @@ impl Context {
     /// A context for driver `driver`, re-publishing healthy buses every `resync`.
     pub fn new(client: Client, driver: &str, stores: Stores, resync: Duration) -> Self {
         Self {
-            publisher: BusSlicePublisher::new(client.clone(), driver.to_owned()),
+            publisher: BusPools::new(client.clone(), driver.to_owned()),
             client,
             driver: driver.to_owned(),
             buses: stores.buses,
@@ -98,7 +99,7 @@ impl Context {
     }
 
     /// The slice publisher (shared with the sweep of deleted buses).
-    pub fn publisher(&self) -> &BusSlicePublisher {
+    pub fn publisher(&self) -> &BusPools {
         &self.publisher
     }
 

@@ -6,10 +6,10 @@
 //! port is settled, `False` with the reason otherwise (`InvalidSpec`, `TunnelPortConflict`,
 //! `PublishFailed`).
 
+use can_dra_cluster::canbus::{CanBus, CanBusStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde_json::{Map, Value, json};
 
-use crate::canbus::{CanBus, CanBusStatus};
 use crate::membership::{Endpoints, Members};
 
 /// The condition type the controller maintains.
@@ -139,7 +139,7 @@ pub fn status_patch(old: Option<&CanBusStatus>, new: &CanBusStatus) -> Option<Va
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::canbus::CanBusSpec;
+    use can_dra_cluster::canbus::CanBusSpec;
     use k8s_openapi::jiff::Timestamp;
     use std::collections::BTreeMap;
 

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use can_dra_controller::canbus::{CanBus, CanBusSpec, CanBusStatus};
-use can_dra_controller::slices::pool_name;
+use can_dra_cluster::canbus::{CanBus, CanBusSpec, CanBusStatus};
+use can_dra_cluster::naming::pool_name;
 use can_dra_doubles::apiserver::{ApiServer, RbacPolicy, User};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodResourceClaim, PodSpec};
 use k8s_openapi::api::resource::v1::{
@@ -454,7 +454,7 @@ async fn status_follows_claims_pods_and_nodes_and_a_deleted_node_is_cleaned_up()
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.clear_requests();
     server.insert_claim(claim("c4", "elsewhere", &["m1"], "p1"));
-    let pools = can_dra_controller::slices::bus_pools_selector("can.dra.dev");
+    let pools = can_dra_cluster::naming::bus_pools_selector("can.dra.dev");
     eventually("a reconcile after the claim change", || {
         server
             .requests()

@@ -9,7 +9,7 @@ fn committed_path() -> PathBuf {
 
 #[test]
 fn committed_crd_matches_the_types() {
-    let generated = can_dra_controller::canbus::crd_yaml().unwrap();
+    let generated = can_dra_cluster::canbus::crd_yaml().unwrap();
     let path = committed_path();
     if std::env::var_os("CAN_DRA_BLESS").is_some() {
         std::fs::write(&path, &generated).unwrap();
@@ -31,7 +31,7 @@ fn crd_subcommand_prints_the_same_crd() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let printed = String::from_utf8(output.stdout).unwrap();
-    assert_eq!(printed, can_dra_controller::canbus::crd_yaml().unwrap());
+    assert_eq!(printed, can_dra_cluster::canbus::crd_yaml().unwrap());
     let parsed: serde_json::Value = serde_yaml::from_str(&printed).unwrap();
     assert_eq!(parsed["kind"], "CustomResourceDefinition");
     assert_eq!(parsed["spec"]["group"], "can.dra.dev");

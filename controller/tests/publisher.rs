@@ -1,8 +1,9 @@
 //! The CanBus slice publisher against the API server double: what lands in the store, what is
 //! written, and what is left alone.
 
-use can_dra_controller::canbus::{CanBus, CanBusSpec};
-use can_dra_controller::slices::{BusSlicePublisher, pool_name};
+use can_dra_cluster::canbus::{CanBus, CanBusSpec};
+use can_dra_cluster::naming::pool_name;
+use can_dra_controller::bus_pool::BusPools;
 use can_dra_doubles::apiserver::ApiServer;
 use k8s_openapi::api::resource::v1::{ResourcePool, ResourceSlice, ResourceSliceSpec};
 use kube::api::ObjectMeta;
@@ -56,7 +57,7 @@ fn node_slice() -> ResourceSlice {
 async fn publishes_and_shrinks_a_pool_bumping_the_generation_only_on_change() {
     let server = ApiServer::start().await.unwrap();
     server.insert_slice(node_slice());
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
 
     // The largest bus fits the API's 128 devices per slice.
     let report = publisher.publish(&bus("powertrain", 128)).await.unwrap();
@@ -104,7 +105,7 @@ async fn publishes_and_shrinks_a_pool_bumping_the_generation_only_on_change() {
 #[tokio::test]
 async fn a_stray_slice_in_the_pool_is_deleted_before_the_rewrite() {
     let server = ApiServer::start().await.unwrap();
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
     publisher.publish(&bus("powertrain", 8)).await.unwrap();
     // A second slice of the pool, e.g. left by an older controller that split the pool.
     let mut stray = pool_slices(&server, "powertrain").remove(0);
@@ -131,7 +132,7 @@ async fn a_stray_slice_in_the_pool_is_deleted_before_the_rewrite() {
 #[tokio::test]
 async fn a_changed_bitrate_updates_the_attributes() {
     let server = ApiServer::start().await.unwrap();
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
     let mut powertrain = bus("powertrain", 2);
     publisher.publish(&powertrain).await.unwrap();
     powertrain.spec.bitrate = "1M".into();
@@ -153,7 +154,7 @@ async fn a_changed_bitrate_updates_the_attributes() {
 async fn removing_a_bus_deletes_only_its_pool() {
     let server = ApiServer::start().await.unwrap();
     server.insert_slice(node_slice());
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
     publisher.publish(&bus("body", 100)).await.unwrap();
     publisher.publish(&bus("chassis", 3)).await.unwrap();
 
@@ -168,7 +169,7 @@ async fn removing_a_bus_deletes_only_its_pool() {
 #[tokio::test]
 async fn a_conflicting_update_is_retried_from_a_fresh_list() {
     let server = ApiServer::start().await.unwrap();
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
     publisher.publish(&bus("body", 2)).await.unwrap();
     let name = pool_slices(&server, "body")[0]
         .metadata
@@ -189,7 +190,7 @@ async fn a_conflicting_update_is_retried_from_a_fresh_list() {
 #[tokio::test]
 async fn an_outage_is_reported_not_hidden() {
     let server = ApiServer::start().await.unwrap();
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
     server.inject_failure("POST", "/apis/resource.k8s.io/v1/resourceslices", 500, 5);
     let error = publisher.publish(&bus("body", 2)).await.unwrap_err();
     assert!(error.to_string().contains("cannot create"), "{error}");
@@ -199,11 +200,11 @@ async fn an_outage_is_reported_not_hidden() {
 async fn sweeping_removes_pools_of_buses_that_are_gone_and_nothing_else() {
     let server = ApiServer::start().await.unwrap();
     server.insert_slice(node_slice());
-    let publisher = BusSlicePublisher::new(server.client().unwrap(), DRIVER);
+    let publisher = BusPools::new(server.client().unwrap(), DRIVER);
     publisher.publish(&bus("body", 2)).await.unwrap();
     publisher.publish(&bus("chassis", 2)).await.unwrap();
     // A bus pool of another driver is not ours to sweep.
-    let other = BusSlicePublisher::new(server.client().unwrap(), "other.example.com");
+    let other = BusPools::new(server.client().unwrap(), "other.example.com");
     other.publish(&bus("body", 2)).await.unwrap();
 
     let live = std::collections::BTreeSet::from(["chassis".to_owned()]);

@@ -310,7 +310,7 @@ fn canbus_spec_fields() -> Fields {
         }
     }
     let crd: serde_yaml::Value =
-        serde_yaml::from_str(&can_dra_controller::canbus::crd_yaml().unwrap()).unwrap();
+        serde_yaml::from_str(&can_dra_cluster::canbus::crd_yaml().unwrap()).unwrap();
     let crd = serde_json::to_value(crd).unwrap();
     let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let mut fields = Fields::default();

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use can_dra_api::NodeConfig;
+use can_dra_cluster::publisher::PublishReport;
 use can_dra_dataplane::link::{CanController, LinkError, LinkEvent, LinkMonitor, Links};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::inventory::{Inventory, PhysicalController, is_driver_link};
 use crate::node::{NodeDriver, NodeError, physical_controller};
-use crate::slices::{PublishReport, SliceError, SlicePublisher};
+use crate::slices::{SliceError, SlicePublisher};
 
 /// How often the links are listed again even without notifications.
 pub const RELIST_INTERVAL: Duration = Duration::from_secs(10);

@@ -88,7 +88,7 @@ impl KnownDevices {
 
     /// Whether the node serves this device.
     pub fn contains(&self, pool: &str, device: &str) -> bool {
-        (self.shared_pools && crate::canbuses::is_shared_pool(pool))
+        (self.shared_pools && can_dra_cluster::naming::is_bus_pool(pool))
             || self.devices.contains(&(pool.to_owned(), device.to_owned()))
     }
 }

@@ -10,34 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use can_dra_api::{Bitrate, NodeConfig};
+use can_dra_cluster::attribute;
 use k8s_openapi::api::resource::v1::{Device, DeviceAttribute};
 
 /// Attribute strings are capped by the API (resource.k8s.io/v1: at most 64 characters).
 pub const MAX_ATTRIBUTE_STRING_LEN: usize = 64;
-
-/// Attribute names, unqualified, so they live in the driver's domain
-/// (`device.attributes["can.dra.dev"].bitrate` in CEL).
-pub mod attribute {
-    /// `physical` or `virtual`.
-    pub const TYPE: &str = "type";
-    /// The bus the slot joins: the interface name for a physical controller, the bus name for a
-    /// virtual bus.
-    pub const BUS: &str = "bus";
-    /// The host interface of a physical controller.
-    pub const INTERFACE: &str = "interface";
-    /// Nominal bitrate in bit/s.
-    pub const BITRATE: &str = "bitrate";
-    /// FD data-phase bitrate in bit/s.
-    pub const DATA_BITRATE: &str = "dataBitrate";
-    /// Whether the bus carries CAN FD frames.
-    pub const FD: &str = "fd";
-    /// The kernel driver of a physical controller (`gs_usb`, `mcp251xfd`, ...).
-    pub const CONTROLLER: &str = "controller";
-    /// The CAN controller state of a physical controller (`error-active`, `bus-off`, ...).
-    pub const STATE: &str = "state";
-    /// The slot index `k` of `<bus>-m<k>`.
-    pub const SLOT: &str = "slot";
-}
 
 /// The state of a CAN controller, as the kernel reports it (`IFLA_CAN_STATE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -13,7 +13,7 @@
 //! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
 //! - [`node`]: the node driver joining claims, checkpoint, CDI, status and the data plane.
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
-//! - [`canbuses`]: cluster-wide buses (CanBus resources) as the node reads them.
+//! - [`shared_buses`]: reading cluster-wide buses (CanBus resources) as the node needs them.
 //! - [`tunnels`]: one tunnel endpoint per cluster-wide bus, joined to the node's bus mesh.
 //!
 //! The node driver implements the `Driver` trait of the `dra-kubeletplugin` crate, which serves
@@ -24,7 +24,6 @@
 #![forbid(unsafe_code)]
 
 pub mod adapters;
-pub mod canbuses;
 pub mod cdi;
 pub mod checkpoint;
 pub mod claims;
@@ -34,6 +33,7 @@ pub mod hook;
 pub mod inventory;
 pub mod logging;
 pub mod node;
+pub mod shared_buses;
 pub mod slices;
 pub mod status;
 pub mod tunnels;

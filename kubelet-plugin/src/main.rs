@@ -17,12 +17,12 @@ use tonic::transport::{Channel, Endpoint};
 
 use can_dra_api::NodeConfig;
 use can_dra_kubelet_plugin::adapters::{self, AdapterWatch};
-use can_dra_kubelet_plugin::canbuses::CanBusReader;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::hook::{self, HOOK_SOCKET_NAME};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
+use can_dra_kubelet_plugin::shared_buses::CanBusReader;
 use can_dra_kubelet_plugin::slices::SlicePublisher;
 use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_kubelet_plugin::tunnels::{self, KernelTunnelHost, TunnelSettings, Tunnels};

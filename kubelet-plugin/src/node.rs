@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use can_dra_api::{FrameFormat, ResolvedMember, ShapingDirection};
+use can_dra_cluster::naming::is_bus_pool;
 use can_dra_dataplane::bus::kernel::KernelError;
 use can_dra_dataplane::bus::model::DesiredState;
 use can_dra_dataplane::bus::model::{Access, BusSpec, CanFilter, MemberSpec, NetnsRef, Shaping};
@@ -27,12 +28,12 @@ use dra_kubeletplugin::driver::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
-use crate::canbuses::{CanBusReader, is_shared_pool};
 use crate::cdi::{CdiWriter, ClaimDevice};
 use crate::checkpoint::CheckpointStore;
 use crate::claims::{ClaimReader, KnownDevices};
 use crate::hook::{AttachRequest, Attacher, Requester};
 use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
+use crate::shared_buses::CanBusReader;
 use crate::status::{DeviceReady, StatusWriter};
 
 /// The checkpointed state of the node: every prepared claim, by UID.
@@ -644,7 +645,7 @@ impl NodeDriver {
         pool: &str,
         device: &str,
     ) -> Result<(SlotInfo, Option<bool>), String> {
-        if !is_shared_pool(pool) {
+        if !is_bus_pool(pool) {
             let slot = self
                 .slot(device)
                 .filter(|_| pool == self.parts.node)

@@ -28,8 +28,8 @@ use can_dra_tunnel::{CountersSnapshot, Endpoint, EndpointConfig, Namespaces};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::canbuses::{CanBusReader, SharedBus};
 use crate::node::NodeDriver;
+use crate::shared_buses::{CanBusReader, SharedBus};
 
 /// Prefix of the end of a tunnel pair that joins the bus mesh.
 pub const MESH_PREFIX: &str = "vxtm-";

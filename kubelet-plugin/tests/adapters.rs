@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
 use can_dra_api::{Bitrate, NodeConfig};
+use can_dra_cluster::naming::node_slice_name;
 use can_dra_doubles::apiserver::ApiServer;
 use can_dra_kubelet_plugin::adapters::{AdapterChange, AdapterWatch};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
@@ -17,7 +18,7 @@ use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::inventory::{ControllerState, Inventory, PhysicalController};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
-use can_dra_kubelet_plugin::slices::{SlicePublisher, slice_name};
+use can_dra_kubelet_plugin::slices::SlicePublisher;
 use can_dra_kubelet_plugin::status::StatusWriter;
 use dra_kubeletplugin::driver::{ClaimRef, Driver, HealthStatus};
 use serde_json::json;
@@ -274,7 +275,7 @@ async fn a_vanished_controller_keeps_prepared_slots_unhealthy_until_unprepare() 
 #[tokio::test]
 async fn a_failed_publish_is_retried_on_the_next_pass() {
     let mut rig = rig(vec![active("can0")]).await;
-    let slice = slice_name(NODE, DRIVER, 0);
+    let slice = node_slice_name(NODE, DRIVER, 0);
     rig.api.inject_failure(
         "PUT",
         &format!("/apis/resource.k8s.io/v1/resourceslices/{slice}"),

@@ -10,12 +10,12 @@ use std::collections::HashMap;
 
 use api_support::{DRIVER, NODE, claim, config, create_bus, server_with_node};
 use can_dra_doubles::apiserver::ApiServer;
-use can_dra_kubelet_plugin::canbuses::CanBusReader;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::inventory::Inventory;
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
+use can_dra_kubelet_plugin::shared_buses::CanBusReader;
 use can_dra_kubelet_plugin::status::StatusWriter;
 use dra_kubeletplugin::driver::{ClaimRef, ClaimUid, Driver, PreparedDevice};
 use serde_json::json;

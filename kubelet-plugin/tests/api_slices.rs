@@ -7,6 +7,7 @@ mod api_support;
 
 use api_support::{DRIVER, NODE, server_with_node};
 use can_dra_api::Bitrate;
+use can_dra_cluster::publisher::PublishError;
 use can_dra_doubles::apiserver::FeatureGate;
 use can_dra_kubelet_plugin::inventory::{
     ControllerState, Inventory, PhysicalController, VirtualBus,
@@ -409,7 +410,10 @@ async fn persistent_conflicts_and_server_errors_are_reported() {
         .publish(&small_inventory())
         .await
         .unwrap_err();
-    assert!(matches!(err, SliceError::List { .. }), "{err:?}");
+    assert!(
+        matches!(err, SliceError::Publish(PublishError::List { .. })),
+        "{err:?}"
+    );
     assert!(server.slices().is_empty());
 }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use can_dra_controller::canbus::{CanBus, CanBusSpec};
+use can_dra_cluster::canbus::{CanBus, CanBusSpec};
 use can_dra_kubelet_plugin::inventory::{
     ControllerState, Inventory, PhysicalController, VirtualBus,
 };
@@ -201,7 +201,7 @@ pub fn check_object(doc: &Document) {
             check_as::<apiextensions::v1::CustomResourceDefinition>(doc, &json)
         }
         "CanBus" => {
-            use can_dra_controller::canbus::{CanBus, GROUP, VERSION};
+            use can_dra_cluster::canbus::{CanBus, GROUP, VERSION};
             let api_version = format!("{GROUP}/{VERSION}");
             let bus: CanBus = check_typed(doc, &json, (&api_version, "CanBus"));
             bus.spec
@@ -301,7 +301,7 @@ pub fn sample_devices() -> Vec<(&'static str, Device)> {
         spec.fd = fd;
         spec.data_bitrate = fd.then(|| "5M".to_owned());
         spec.max_members = 2;
-        can_dra_controller::slices::member_devices(&CanBus::new(name, spec)).unwrap()
+        can_dra_controller::bus_pool::member_devices(&CanBus::new(name, spec)).unwrap()
     };
     let mut out = Vec::new();
     out.extend(

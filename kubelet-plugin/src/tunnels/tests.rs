@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use can_dra_controller::canbus::{CanBusSpec, PhysicalAttachment};
+use can_dra_cluster::canbus::{CanBusSpec, PhysicalAttachment};
 
 use super::*;
 

@@ -167,7 +167,7 @@ impl CanBusSpec {
     /// A classic CAN bus at `bitrate` on all nodes, with the default member count.
     ///
     /// ```
-    /// use can_dra_controller::canbus::{CanBus, CanBusSpec};
+    /// use can_dra_cluster::canbus::{CanBus, CanBusSpec};
     /// let bus = CanBus::new("powertrain", CanBusSpec::new("500k"));
     /// assert!(bus.spec.validate().is_ok());
     /// assert_eq!(bus.spec.max_members, 16);
@@ -187,7 +187,7 @@ impl CanBusSpec {
     /// Checks what the CRD schema cannot; the error names the field.
     ///
     /// ```
-    /// use can_dra_controller::canbus::CanBusSpec;
+    /// use can_dra_cluster::canbus::CanBusSpec;
     /// let mut spec = CanBusSpec::new("500k");
     /// spec.data_bitrate = Some("2M".into());
     /// let error = spec.validate().unwrap_err();

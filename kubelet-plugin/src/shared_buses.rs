@@ -2,33 +2,25 @@
 //! daemon sees them: the spec it needs to join members and the status that says where the other
 //! nodes' tunnel endpoints listen.
 //!
-//! CanBuses are read as plain JSON and then parsed into the controller's types, so that the
+//! CanBuses are read as plain JSON and then parsed into the cluster model's types, so that the
 //! tunnel port the controller writes (`status.tunnelPort`, see the contract in `docs/tunnel.md`)
 //! is read whichever version of the type this build has.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use can_dra_controller::canbus::{CanBus, CanBusSpec, CanBusStatus};
-use can_dra_controller::slices::pool_name;
+use can_dra_cluster::canbus::{CanBus, CanBusSpec, CanBusStatus};
+use can_dra_cluster::naming::pool_name;
 use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::ApiResource;
-
-/// Every pool of a CanBus starts with this (see `can_dra_controller::slices::pool_name`).
-pub const SHARED_POOL_PREFIX: &str = "canbus/";
-
-/// Whether a pool is one of a cluster-wide bus rather than a node's own.
-pub fn is_shared_pool(pool: &str) -> bool {
-    pool.starts_with(SHARED_POOL_PREFIX)
-}
 
 /// One CanBus as the node needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedBus {
     /// The CanBus name.
     pub name: String,
-    /// Its spec, as the controller's type reads it.
+    /// Its spec, as the cluster model's type reads it.
     pub spec: CanBusSpec,
     /// The UDP port of the bus's tunnel endpoints (`status.tunnelPort`), once the controller
     /// assigned one.
@@ -220,7 +212,7 @@ mod tests {
         assert_eq!(parsed.endpoints.len(), 2);
         assert!(parsed.spec.fd);
         assert_eq!(parsed.pool(), "canbus/powertrain");
-        assert!(is_shared_pool(&parsed.pool()));
+        assert!(can_dra_cluster::naming::is_bus_pool(&parsed.pool()));
         assert_eq!(parsed.physical_on("n2").collect::<Vec<_>>(), ["can1"]);
         assert_eq!(parsed.physical_on("n3").count(), 0);
     }
