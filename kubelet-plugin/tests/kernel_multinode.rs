@@ -706,6 +706,13 @@ fn capture(pods: &[Pod], want: usize, act: impl FnOnce()) -> Vec<Vec<(u32, u8)>>
         .collect()
 }
 
+/// Every pod saw exactly `want`: these sequence numbers per id, in this order.
+fn assert_every_pod_saw(cluster: &Cluster, seen: &[Vec<(u32, u8)>], want: &BTreeMap<u32, Vec<u8>>) {
+    for (name, seen) in cluster.names.iter().zip(seen) {
+        assert_eq!(&sequences(seen.iter().copied()), want, "pod on {name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "kernel test: needs CAN modules, veth and CAP_NET_ADMIN; run by `cargo xtask test`"]
 async fn an_external_cannelloni_peer_joins_a_bus_of_two_daemons_without_loops() {
@@ -735,14 +742,7 @@ async fn an_external_cannelloni_peer_joins_a_bus_of_two_daemons_without_loops() 
     ]);
     // Each pod sees every frame once and in order: its own through the local loopback, the
     // others' through the tunnel (an echo or a loop would show a frame twice).
-    for (i, seen) in seen.iter().enumerate() {
-        assert_eq!(
-            sequences(seen.iter().copied()),
-            every,
-            "pod on {}",
-            cluster.names[i]
-        );
-    }
+    assert_every_pod_saw(&cluster, &seen, &every);
     // The external peer gets both nodes' frames once and in order, and never its own back.
     let external = peer.take().unwrap().received();
     assert_eq!(
@@ -758,14 +758,7 @@ async fn an_external_cannelloni_peer_joins_a_bus_of_two_daemons_without_loops() 
         send_numbered(&pods[1], B, 10..13);
     });
     let during = BTreeMap::from([(A, vec![10, 11, 12]), (B, vec![10, 11, 12])]);
-    for (i, seen) in seen.iter().enumerate() {
-        assert_eq!(
-            sequences(seen.iter().copied()),
-            during,
-            "pod on {}",
-            cluster.names[i]
-        );
-    }
+    assert_every_pod_saw(&cluster, &seen, &during);
 
     // It comes back on the same address and port: frames flow both ways again, with nothing
     // restarted.
@@ -780,14 +773,7 @@ async fn an_external_cannelloni_peer_joins_a_bus_of_two_daemons_without_loops() 
         (B, vec![20, 21, 22]),
         (EXTERNAL_ID, vec![20, 21, 22]),
     ]);
-    for (i, seen) in seen.iter().enumerate() {
-        assert_eq!(
-            sequences(seen.iter().copied()),
-            after,
-            "pod on {}",
-            cluster.names[i]
-        );
-    }
+    assert_every_pod_saw(&cluster, &seen, &after);
     assert_eq!(
         sequences(peer.take().unwrap().received()),
         BTreeMap::from([(A, vec![20, 21, 22]), (B, vec![20, 21, 22])]),
