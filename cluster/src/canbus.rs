@@ -3,10 +3,11 @@
 //!
 //! The CRD schema (derived from these types) rejects wrong types and out-of-range member counts;
 //! [`CanBusSpec::validate`] checks what a structural schema cannot: bitrate syntax and range, the
-//! FD-only data bitrate, the single node-selector term a ResourceSlice allows, and the physical
-//! attachments.
+//! FD-only data bitrate, the single node-selector term a ResourceSlice allows, the physical
+//! attachments and the external tunnel peers.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use can_dra_api::{Bitrate, InterfaceName};
 use k8s_openapi::api::core::v1::NodeSelector;
@@ -35,6 +36,13 @@ pub const NAME_TOO_LONG: &str =
 
 /// The lowest tunnel port a bus may ask for (below are the privileged ports).
 pub const MIN_TUNNEL_PORT: u16 = 1024;
+
+/// The most external peers a bus may list.
+pub const MAX_EXTERNAL_PEERS: usize = 32;
+
+/// The message of the CRD rule that refuses an external peer address that is not an IP address.
+pub const EXTERNAL_ADDRESS_NOT_IP: &str =
+    "externalPeers[].address must be an IPv4 or IPv6 address (host names are not resolved)";
 
 /// The slowest nominal bitrate accepted, 1 kbit/s.
 const MIN_NOMINAL_BPS: u32 = 1_000;
@@ -89,6 +97,46 @@ pub struct CanBusSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 65535))]
     pub tunnel_port: Option<u16>,
+    /// Tunnel peers that are not can-dra nodes, such as a cannelloni on a HIL rack. One node's
+    /// endpoint serves each and relays between it and the rest of the bus.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub external_peers: Vec<ExternalPeer>,
+}
+
+/// A tunnel peer outside the cluster that speaks cannelloni's UDP format.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalPeer {
+    /// A name for the peer, unique in the list (a DNS label).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The peer's IPv4 or IPv6 address (not a host name).
+    #[schemars(length(min = 2, max = 45))]
+    #[x_kube(validation = Rule::new("isIP(self)").message(EXTERNAL_ADDRESS_NOT_IP))]
+    pub address: String,
+    /// The UDP port the peer listens on (cannelloni's `-l`, 20000 by default).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// The node whose tunnel endpoint serves the peer (the address the peer sends to); the
+    /// controller picks one of the bus's nodes when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node: Option<String>,
+}
+
+/// Which node's endpoint serves an external peer, as the controller decided.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalPeerStatus {
+    /// The peer's name in `spec.externalPeers`.
+    pub name: String,
+    /// The node serving it; point the peer at this node's address and `status.tunnelPort`.
+    pub node: String,
 }
 
 fn default_max_members() -> u32 {
@@ -121,6 +169,9 @@ pub struct CanBusStatus {
     /// The UDP port of the bus's tunnel in force: `spec.tunnelPort`, or the one assigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_port: Option<u16>,
+    /// The node serving each external peer that has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_peers: Vec<ExternalPeerStatus>,
     /// Conditions such as `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -181,6 +232,7 @@ impl CanBusSpec {
             node_selector: None,
             physical: Vec::new(),
             tunnel_port: None,
+            external_peers: Vec::new(),
         }
     }
 
@@ -253,6 +305,47 @@ impl CanBusSpec {
                 ));
             }
         }
+        self.validate_external_peers()
+    }
+
+    fn validate_external_peers(&self) -> Result<(), SpecError> {
+        if self.external_peers.len() > MAX_EXTERNAL_PEERS {
+            return Err(invalid(
+                "externalPeers",
+                format!(
+                    "{} peers listed; at most {MAX_EXTERNAL_PEERS}",
+                    self.external_peers.len()
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, peer) in self.external_peers.iter().enumerate() {
+            let field = |name: &str| format!("externalPeers[{i}].{name}");
+            if !is_dns_label(&peer.name) {
+                return Err(invalid(
+                    field("name"),
+                    format!(
+                        "{:?} is not a DNS label (1-63 of a-z, 0-9 and '-', \
+                         starting and ending with a letter or digit)",
+                        peer.name
+                    ),
+                ));
+            }
+            if !names.insert(peer.name.as_str()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{} is listed twice", peer.name),
+                ));
+            }
+            peer.ip()
+                .map_err(|reason| invalid(field("address"), reason))?;
+            if peer.port == 0 {
+                return Err(invalid(field("port"), "0 is outside 1..=65535"));
+            }
+            if peer.node.as_deref() == Some("") {
+                return Err(invalid(field("node"), "must not be empty; omit it instead"));
+            }
+        }
         Ok(())
     }
 
@@ -279,6 +372,41 @@ impl CanBusSpec {
                 }
                 Ok(Some(data))
             }
+        }
+    }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (1..=63).contains(&bytes.len())
+        && bytes.first().is_some_and(inner)
+        && bytes.last().is_some_and(inner)
+        && bytes.iter().all(|b| inner(b) || *b == b'-')
+}
+
+impl ExternalPeer {
+    /// The peer's address, parsed: an IPv4 or IPv6 literal that can be sent to (not a host name,
+    /// not unspecified, multicast or broadcast, and IPv4 written as IPv4).
+    pub fn ip(&self) -> Result<IpAddr, String> {
+        let ip: IpAddr = self.address.parse().map_err(|_| {
+            format!(
+                "{:?} is not an IPv4 or IPv6 address (host names are not resolved)",
+                self.address
+            )
+        })?;
+        let refused = match ip {
+            _ if ip.is_unspecified() => Some("unspecified"),
+            _ if ip.is_multicast() => Some("multicast"),
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                Some("IPv4-mapped; write the IPv4 address")
+            }
+            _ => None,
+        };
+        match refused {
+            Some(what) => Err(format!("{} is {what}", self.address)),
+            None => Ok(ip),
         }
     }
 }
@@ -410,6 +538,117 @@ mod tests {
         assert_eq!(field(&s), "physical[0].node");
         s.physical = vec![at("node-a", "can0"), at("node-b", "can0")];
         assert!(s.validate().is_ok());
+    }
+
+    fn peer(name: &str, address: &str, port: u16) -> ExternalPeer {
+        ExternalPeer {
+            name: name.into(),
+            address: address.into(),
+            port,
+            node: None,
+        }
+    }
+
+    #[test]
+    fn external_peers_are_checked_and_the_error_names_the_peer_and_field() {
+        let mut s = spec("500k");
+        s.external_peers = vec![
+            peer("rack-1", "198.51.100.7", 20000),
+            peer("esp", "2001:db8::7", 1),
+        ];
+        assert!(s.validate().is_ok());
+
+        let cases: [(ExternalPeer, &str, &str); 9] = [
+            (
+                peer("rack-1", "198.51.100.8", 20000),
+                "externalPeers[2].name",
+                "twice",
+            ),
+            (
+                peer("Rack", "198.51.100.8", 20000),
+                "externalPeers[2].name",
+                "DNS label",
+            ),
+            (
+                peer("-rack", "198.51.100.8", 20000),
+                "externalPeers[2].name",
+                "DNS label",
+            ),
+            (
+                peer("x", "rack.example.com", 20000),
+                "externalPeers[2].address",
+                "host names",
+            ),
+            (
+                peer("x", "0.0.0.0", 20000),
+                "externalPeers[2].address",
+                "unspecified",
+            ),
+            (
+                peer("x", "239.1.1.1", 20000),
+                "externalPeers[2].address",
+                "multicast",
+            ),
+            (
+                peer("x", "255.255.255.255", 20000),
+                "externalPeers[2].address",
+                "broadcast",
+            ),
+            (
+                peer("x", "::ffff:192.0.2.1", 20000),
+                "externalPeers[2].address",
+                "IPv4-mapped",
+            ),
+            (
+                peer("x", "198.51.100.8", 0),
+                "externalPeers[2].port",
+                "1..=65535",
+            ),
+        ];
+        for (bad, field, reason) in cases {
+            let mut s = s.clone();
+            s.external_peers.push(bad.clone());
+            let error = s.validate().unwrap_err();
+            assert_eq!(error.field, field, "{bad:?}");
+            assert!(error.to_string().contains(reason), "{bad:?}: {error}");
+        }
+        let mut named = s.clone();
+        named.external_peers[0].node = Some(String::new());
+        assert_eq!(field(&named), "externalPeers[0].node");
+        let mut many = spec("500k");
+        many.external_peers = (0..=MAX_EXTERNAL_PEERS)
+            .map(|i| peer(&format!("p{i}"), "198.51.100.7", 20000))
+            .collect();
+        assert_eq!(field(&many), "externalPeers");
+    }
+
+    #[test]
+    fn the_crd_keys_external_peers_by_name_and_checks_their_fields() {
+        let crd = serde_json::to_value(CanBus::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let peers = &spec["properties"]["externalPeers"];
+        assert_eq!(peers["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            peers["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
+        assert_eq!(peers["maxItems"], 32);
+        let item = &peers["items"]["properties"];
+        assert_eq!(item["port"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(item["port"]["maximum"].as_f64(), Some(65535.0));
+        assert_eq!(item["name"]["maxLength"], 63);
+        assert!(item["name"]["pattern"].is_string());
+        let rules = &item["address"]["x-kubernetes-validations"];
+        assert_eq!(rules[0]["rule"], "isIP(self)");
+        assert_eq!(rules[0]["message"], EXTERNAL_ADDRESS_NOT_IP);
+        let mut required: Vec<&str> = peers["items"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        required.sort_unstable();
+        assert_eq!(required, ["address", "name", "port"]);
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! (their `spec.nodeName`); a claim no scheduled pod reserves yet sits on the node its
 //! `status.allocation.nodeSelector` selects, when that selects exactly one known node. Members on
 //! nodes that do not exist (any more) are not counted: a deleted node leaves every bus.
+//!
+//! Each external tunnel peer (`spec.externalPeers`) is served by one node's endpoint
+//! ([`serving_nodes`]): the node it names, which then has an endpoint like a node with a
+//! physical attachment, or else one the controller picks and keeps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -15,6 +19,8 @@ use can_dra_cluster::naming::pool_name;
 use k8s_openapi::api::core::v1::{Node, NodeSelector, NodeSelectorRequirement, Pod};
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use kube::ResourceExt;
+
+use can_dra_cluster::canbus::ExternalPeerStatus;
 
 /// The lowest port the controller assigns to a bus tunnel that does not set `spec.tunnelPort`.
 pub const FIRST_TUNNEL_PORT: u16 = 47000;
@@ -162,12 +168,18 @@ pub struct Endpoints {
 }
 
 /// The tunnel endpoints of `bus` on port `port`: every node with members, plus the existing
-/// nodes named in `spec.physical`.
+/// nodes named in `spec.physical` and in `spec.externalPeers[].node`.
 pub fn endpoints(bus: &CanBus, members: &Members, nodes: &[Node], port: u16) -> Endpoints {
     let wanted: BTreeSet<&str> = members
         .keys()
         .map(String::as_str)
         .chain(bus.spec.physical.iter().map(|p| p.node.as_str()))
+        .chain(
+            bus.spec
+                .external_peers
+                .iter()
+                .filter_map(|p| p.node.as_deref()),
+        )
         .collect();
     let mut out = Endpoints::default();
     for name in wanted {
@@ -186,6 +198,51 @@ pub fn endpoints(bus: &CanBus, members: &Members, nodes: &[Node], port: u16) -> 
             None => {
                 out.unreachable.insert(name.to_owned());
             }
+        }
+    }
+    out
+}
+
+/// Which node serves each external peer of a bus.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Serving {
+    /// The peers that have a serving node, in `spec.externalPeers` order.
+    pub served: Vec<ExternalPeerStatus>,
+    /// The peers no node can serve: the node they name has no endpoint, or the bus has none.
+    pub unserved: Vec<String>,
+}
+
+/// The node whose endpoint serves each of `bus`'s external peers, among the nodes with an
+/// endpoint (`endpoints`, see [`endpoints`]):
+/// - a peer that names a node is served by it (its endpoint exists because it is named), and is
+///   unserved while that node has no endpoint (it does not exist or has no InternalIP);
+/// - otherwise by the node the status already gives it while that node has an endpoint, so the
+///   choice does not move when nodes join; when that node leaves the bus, by the first node
+///   by name that has an endpoint.
+pub fn serving_nodes(bus: &CanBus, endpoints: &Endpoints) -> Serving {
+    let previous = |name: &str| {
+        bus.status
+            .as_ref()?
+            .external_peers
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.node.as_str())
+    };
+    let has_endpoint = |node: &&str| endpoints.endpoints.contains_key(*node);
+    let mut out = Serving::default();
+    for peer in &bus.spec.external_peers {
+        let node = match peer.node.as_deref() {
+            Some(named) => Some(named).filter(has_endpoint),
+            None => previous(&peer.name)
+                .filter(has_endpoint)
+                .or_else(|| endpoints.endpoints.keys().next().map(String::as_str)),
+        };
+        match node {
+            Some(node) => out.served.push(ExternalPeerStatus {
+                name: peer.name.clone(),
+                node: node.to_owned(),
+            }),
+            None => out.unserved.push(peer.name.clone()),
         }
     }
     out
@@ -256,7 +313,7 @@ pub fn tunnel_port(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use can_dra_cluster::canbus::{CanBusSpec, CanBusStatus, PhysicalAttachment};
+    use can_dra_cluster::canbus::{CanBusSpec, CanBusStatus, ExternalPeer, PhysicalAttachment};
     use k8s_openapi::api::core::v1::{NodeAddress, NodeSelectorTerm, NodeStatus, PodSpec};
     use k8s_openapi::api::resource::v1::{
         AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult,
@@ -435,6 +492,80 @@ mod tests {
             ])
         );
         assert_eq!(got.unreachable, BTreeSet::from(["d".to_owned()]));
+    }
+
+    fn external(name: &str, node: Option<&str>) -> ExternalPeer {
+        ExternalPeer {
+            name: name.into(),
+            address: "198.51.100.7".into(),
+            port: 20000,
+            node: node.map(str::to_owned),
+        }
+    }
+
+    fn served(pairs: &[(&str, &str)]) -> Vec<ExternalPeerStatus> {
+        pairs
+            .iter()
+            .map(|(name, node)| ExternalPeerStatus {
+                name: (*name).into(),
+                node: (*node).into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_named_by_an_external_peer_gets_an_endpoint_and_serves_it() {
+        let mut canbus = bus("body", None, None);
+        canbus.spec.external_peers = vec![external("rack", Some("c")), external("esp", Some("x"))];
+        let nodes = [node("a", Some("10.0.0.1")), node("c", Some("10.0.0.3"))];
+        let members = Members::from([("a".into(), 1)]);
+        let got = endpoints(&canbus, &members, &nodes, 47000);
+        assert_eq!(
+            got.endpoints.keys().collect::<Vec<_>>(),
+            ["a", "c"],
+            "c has no members but serves a peer"
+        );
+        // "x" does not exist: its peer is not served anywhere (not silently moved to a).
+        let serving = serving_nodes(&canbus, &got);
+        assert_eq!(serving.served, served(&[("rack", "c")]));
+        assert_eq!(serving.unserved, ["esp"]);
+    }
+
+    #[test]
+    fn the_controller_picks_a_serving_node_keeps_it_and_moves_it_only_when_it_leaves() {
+        let nodes = [
+            node("b", Some("10.0.0.2")),
+            node("c", Some("10.0.0.3")),
+            node("a", Some("10.0.0.1")),
+        ];
+        let mut canbus = bus("body", None, None);
+        canbus.spec.external_peers = vec![external("rack", None), external("esp", None)];
+        let spec_only = canbus.clone();
+        let on = |names: &[&str]| {
+            let members: Members = names.iter().map(|n| ((*n).to_owned(), 1)).collect();
+            endpoints(&spec_only, &members, &nodes, 47000)
+        };
+        // No node in the bus yet: nobody can serve.
+        let none = serving_nodes(&canbus, &on(&[]));
+        assert_eq!((none.served.len(), none.unserved.len()), (0, 2));
+        // The first node by name, whatever the order of the Node list.
+        let first = serving_nodes(&canbus, &on(&["c", "b"]));
+        assert_eq!(first.served, served(&[("rack", "b"), ("esp", "b")]));
+        assert_eq!(
+            serving_nodes(&canbus, &on(&["c", "b"])),
+            first,
+            "deterministic"
+        );
+        canbus.status = Some(CanBusStatus {
+            external_peers: first.served,
+            ..CanBusStatus::default()
+        });
+        // "a" joins and sorts first: the peers stay where they are.
+        let joined = serving_nodes(&canbus, &on(&["a", "b", "c"]));
+        assert_eq!(joined.served, served(&[("rack", "b"), ("esp", "b")]));
+        // "b" leaves: they move to the first node left.
+        let left = serving_nodes(&canbus, &on(&["a", "c"]));
+        assert_eq!(left.served, served(&[("rack", "a"), ("esp", "a")]));
     }
 
     #[test]

@@ -172,10 +172,12 @@ impl Context {
         let endpoints = port
             .map(|port| membership::endpoints(bus, &members, &nodes, port))
             .unwrap_or_default();
+        let serving = membership::serving_nodes(bus, &endpoints);
         Observation {
             members,
             endpoints,
             tunnel_port: port,
+            serving,
             problem: None,
         }
     }

@@ -1,8 +1,8 @@
 //! A bus's `status`: what it should say ([`desired_status`]) and the smallest write that makes it
 //! say so ([`status_patch`]), so that the controller writes only when something changed.
 //!
-//! The status carries the members per node, the tunnel endpoint per node, the tunnel port in force
-//! and a `Ready` condition: `True` (reason `Published`) when the pool is published and the tunnel
+//! The status carries the members per node, the tunnel endpoint per node, the tunnel port in force,
+//! the node serving each external peer and a `Ready` condition: `True` (reason `Published`) when the pool is published and the tunnel
 //! port is settled, `False` with the reason otherwise (`InvalidSpec`, `TunnelPortConflict`,
 //! `PublishFailed`).
 
@@ -10,7 +10,7 @@ use can_dra_cluster::canbus::{CanBus, CanBusStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde_json::{Map, Value, json};
 
-use crate::membership::{Endpoints, Members};
+use crate::membership::{Endpoints, Members, Serving};
 
 /// The condition type the controller maintains.
 pub const READY: &str = "Ready";
@@ -33,6 +33,8 @@ pub struct Observation {
     pub endpoints: Endpoints,
     /// The tunnel port in force, if settled.
     pub tunnel_port: Option<u16>,
+    /// The node serving each external peer.
+    pub serving: Serving,
     /// Why the bus is not ready, if it is not.
     pub problem: Option<Problem>,
 }
@@ -56,6 +58,13 @@ fn ready_condition(bus: &CanBus, observation: &Observation, now: &Time) -> Condi
                 message.push_str(&format!(
                     "; no tunnel endpoint for node(s) without an InternalIP: {}",
                     nodes.join(", ")
+                ));
+            }
+            if !observation.serving.unserved.is_empty() {
+                message.push_str(&format!(
+                    "; no node can serve external peer(s) {} yet (the bus has no endpoint on \
+                     the node they name, or none at all)",
+                    observation.serving.unserved.join(", ")
                 ));
             }
             ("True", "Published", message)
@@ -93,6 +102,7 @@ pub fn desired_status(bus: &CanBus, observation: &Observation, now: &Time) -> Ca
         members: observation.members.clone(),
         endpoints: observation.endpoints.endpoints.clone(),
         tunnel_port: observation.tunnel_port,
+        external_peers: observation.serving.served.clone(),
         conditions,
     }
 }
@@ -130,7 +140,13 @@ pub fn status_patch(old: Option<&CanBusStatus>, new: &CanBusStatus) -> Option<Va
         Ok(Value::Object(map)) => map,
         _ => Map::new(),
     };
-    for field in ["members", "endpoints", "tunnelPort", "conditions"] {
+    for field in [
+        "members",
+        "endpoints",
+        "tunnelPort",
+        "externalPeers",
+        "conditions",
+    ] {
         null_removed(&mut status, field, &old);
     }
     Some(json!({ "status": status }))
@@ -160,6 +176,7 @@ mod tests {
             members,
             endpoints,
             tunnel_port: Some(port),
+            serving: Serving::default(),
             problem: None,
         }
     }
@@ -209,6 +226,32 @@ mod tests {
         );
         let patch = status_patch(None, &status).unwrap();
         assert_eq!(patch["status"]["tunnelPort"], 47000);
+    }
+
+    #[test]
+    fn serving_nodes_are_written_and_removed_and_unserved_peers_are_named() {
+        use can_dra_cluster::canbus::ExternalPeerStatus;
+        let mut bus = CanBus::new("body", CanBusSpec::new("500k"));
+        let mut seen = observation(&[("a", 1)], 47000);
+        seen.serving = Serving {
+            served: vec![ExternalPeerStatus {
+                name: "rack".into(),
+                node: "a".into(),
+            }],
+            unserved: vec!["esp".into()],
+        };
+        let with = desired_status(&bus, &seen, &at(10));
+        assert_eq!(with.external_peers, seen.serving.served);
+        assert!(with.conditions[0].message.contains("external peer(s) esp"));
+        let patch = status_patch(None, &with).unwrap();
+        assert_eq!(
+            patch["status"]["externalPeers"],
+            serde_json::json!([{"name": "rack", "node": "a"}])
+        );
+        bus.status = Some(with.clone());
+        let without = desired_status(&bus, &observation(&[("a", 1)], 47000), &at(20));
+        let patch = status_patch(Some(&with), &without).unwrap();
+        assert_eq!(patch["status"]["externalPeers"], Value::Null);
     }
 
     /// RFC 7386, as the API server applies a merge patch.

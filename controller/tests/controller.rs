@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use can_dra_cluster::canbus::{CanBus, CanBusSpec, CanBusStatus};
+use can_dra_cluster::canbus::{CanBus, CanBusSpec, CanBusStatus, ExternalPeerStatus};
 use can_dra_cluster::naming::pool_name;
 use can_dra_doubles::apiserver::{ApiServer, RbacPolicy, User};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodResourceClaim, PodSpec};
@@ -617,4 +617,68 @@ async fn a_bus_whose_name_cannot_be_an_attribute_is_reported_and_never_written()
         .count();
     assert_eq!(slice_writes, 0, "no slice of the long-named bus was sent");
     assert_granted(&server, "replica-a");
+}
+
+#[tokio::test]
+async fn external_peers_are_served_by_the_node_they_name_or_one_the_controller_keeps() {
+    let (server, buses, dir) = start().await;
+    for (name, ip) in [
+        ("node-a", "192.0.2.1"),
+        ("node-b", "192.0.2.2"),
+        ("node-c", "192.0.2.3"),
+    ] {
+        server.insert_node(node(name, ip));
+    }
+    let _replica = Replica::start(&server, dir.path(), "replica-a");
+    let mut spec = bus_spec(4, "500k");
+    let peer = |name: &str, node: Option<&str>| can_dra_cluster::canbus::ExternalPeer {
+        name: name.into(),
+        address: "198.51.100.7".into(),
+        port: 20000,
+        node: node.map(str::to_owned),
+    };
+    spec.external_peers = vec![peer("rack", Some("node-c")), peer("esp", None)];
+    buses
+        .create(&PostParams::default(), &CanBus::new("powertrain", spec))
+        .await
+        .unwrap();
+    server.insert_pod(pod("p1", "node-b", "c1")).unwrap();
+    server.insert_claim(claim("c1", "powertrain", &["m0"], "p1"));
+
+    // node-c serves "rack" (and so has an endpoint without members); "esp" goes to the only
+    // other node of the bus.
+    let serving = |pairs: &[(&str, &str)]| -> Vec<ExternalPeerStatus> {
+        pairs
+            .iter()
+            .map(|(name, node)| ExternalPeerStatus {
+                name: (*name).into(),
+                node: (*node).into(),
+            })
+            .collect()
+    };
+    let seen = eventually("the serving nodes in the status", || {
+        status(&server, "powertrain").filter(|s| !s.external_peers.is_empty())
+    })
+    .await;
+    assert_eq!(
+        seen.external_peers,
+        serving(&[("rack", "node-c"), ("esp", "node-b")])
+    );
+    assert_eq!(
+        seen.endpoints.keys().collect::<Vec<_>>(),
+        ["node-b", "node-c"]
+    );
+    assert_eq!(ready(&seen), Some(("True", "Published")));
+
+    // node-a joins the bus and sorts first: "esp" stays on node-b.
+    server.insert_pod(pod("p2", "node-a", "c2")).unwrap();
+    server.insert_claim(claim("c2", "powertrain", &["m1"], "p2"));
+    let seen = eventually("node-a in the bus", || {
+        status(&server, "powertrain").filter(|s| s.endpoints.contains_key("node-a"))
+    })
+    .await;
+    assert_eq!(
+        seen.external_peers,
+        serving(&[("rack", "node-c"), ("esp", "node-b")])
+    );
 }

@@ -8,8 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 
-use can_dra_cluster::canbus::{CanBus, CanBusSpec, CanBusStatus};
+use can_dra_cluster::canbus::{CanBus, CanBusSpec, CanBusStatus, ExternalPeerStatus};
 use can_dra_cluster::naming::pool_name;
 use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams};
@@ -27,6 +28,8 @@ pub struct SharedBus {
     pub tunnel_port: Option<u16>,
     /// Node name to `host:port` of its tunnel endpoint (`status.endpoints`).
     pub endpoints: BTreeMap<String, String>,
+    /// The node serving each external peer (`status.externalPeers`).
+    pub external_peers: Vec<ExternalPeerStatus>,
 }
 
 /// A CanBus cannot be read or used.
@@ -86,6 +89,7 @@ impl SharedBus {
             spec,
             tunnel_port,
             endpoints: status.endpoints,
+            external_peers: status.external_peers,
         })
     }
 
@@ -115,6 +119,26 @@ impl SharedBus {
             ));
         }
         Ok(())
+    }
+
+    /// The addresses of the external peers `node`'s endpoint serves: those `status.externalPeers`
+    /// gives to `node`, at the address and port `spec.externalPeers` lists for them. Other nodes
+    /// serve none of them. A status entry for a peer the spec no longer lists is skipped (the
+    /// controller removes it on its next pass).
+    pub fn external_peers_served_by(&self, node: &str) -> Vec<SocketAddr> {
+        self.external_peers
+            .iter()
+            .filter(|serving| serving.node == node)
+            .filter_map(|serving| {
+                let peer = self
+                    .spec
+                    .external_peers
+                    .iter()
+                    .find(|peer| peer.name == serving.name)?;
+                // The spec was validated, so the address parses.
+                Some(SocketAddr::new(peer.ip().ok()?, peer.port))
+            })
+            .collect()
     }
 
     /// The interfaces `spec.physical` attaches on `node`.
@@ -215,6 +239,28 @@ mod tests {
         assert!(can_dra_cluster::naming::is_bus_pool(&parsed.pool()));
         assert_eq!(parsed.physical_on("n2").collect::<Vec<_>>(), ["can1"]);
         assert_eq!(parsed.physical_on("n3").count(), 0);
+    }
+
+    #[test]
+    fn only_the_serving_node_gets_an_external_peer() {
+        let parsed = SharedBus::from_object(&object(serde_json::json!({
+            "apiVersion": "can.dra.dev/v1alpha1",
+            "kind": "CanBus",
+            "metadata": {"name": "powertrain"},
+            "spec": {"bitrate": "500k", "externalPeers": [
+                {"name": "rack", "address": "198.51.100.7", "port": 20000},
+                {"name": "esp", "address": "2001:db8::9", "port": 20001, "node": "n2"},
+                {"name": "idle", "address": "198.51.100.8", "port": 20000}]},
+            "status": {"tunnelPort": 47001, "externalPeers": [
+                {"name": "rack", "node": "n1"},
+                {"name": "esp", "node": "n2"},
+                {"name": "gone", "node": "n1"}]},
+        })))
+        .unwrap();
+        let on = |node| parsed.external_peers_served_by(node);
+        assert_eq!(on("n1"), ["198.51.100.7:20000".parse().unwrap()]);
+        assert_eq!(on("n2"), ["[2001:db8::9]:20001".parse().unwrap()]);
+        assert!(on("n3").is_empty());
     }
 
     #[test]

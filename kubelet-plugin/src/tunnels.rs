@@ -6,7 +6,8 @@
 //!   can-gw connects it both ways with every local member and the physical attachment;
 //! - a [`can_dra_tunnel::Endpoint`] on `vxtt-<bus>`, listening on
 //!   `<tunnel address>:<status.tunnelPort>`, whose peers are the other nodes' endpoints in the
-//!   CanBus status.
+//!   CanBus status, and the external peers (`spec.externalPeers`) the status gives this node to
+//!   serve, as external peers whose frames the endpoint relays.
 //!
 //! [`plan`] works out what the node needs from the CanBuses (pure logic); [`Tunnels`] brings the
 //! running endpoints and links in line with it through the narrow [`TunnelHost`] seam, which the
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use can_dra_dataplane::bus::kernel::{Kernel, PairRequest};
 use can_dra_dataplane::bus::model::{BusSpec, CAN_MTU, CANFD_MTU, NetnsRef};
-use can_dra_tunnel::{CountersSnapshot, Endpoint, EndpointConfig, Namespaces};
+use can_dra_tunnel::{CountersSnapshot, Endpoint, EndpointConfig, Namespaces, PeerClass};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +88,8 @@ pub struct TunnelPlan {
     pub listen: SocketAddr,
     /// The other nodes' endpoints.
     pub peers: Vec<SocketAddr>,
+    /// The external peers this node serves.
+    pub external: Vec<SocketAddr>,
     /// The physical controller `spec.physical` attaches on this node.
     pub physical: Option<String>,
 }
@@ -96,16 +99,28 @@ impl TunnelPlan {
     fn same_shape(&self, other: &Self) -> bool {
         Self {
             peers: Vec::new(),
+            external: Vec::new(),
             ..self.clone()
         } == Self {
             peers: Vec::new(),
+            external: Vec::new(),
             ..other.clone()
         }
+    }
+
+    /// Every peer of the endpoint with its class: node peers, then external peers.
+    pub fn classified_peers(&self) -> Vec<(SocketAddr, PeerClass)> {
+        let nodes = self.peers.iter().map(|addr| (*addr, PeerClass::Node));
+        let external = self
+            .external
+            .iter()
+            .map(|addr| (*addr, PeerClass::External));
+        nodes.chain(external).collect()
     }
 }
 
 /// The tunnels this node needs: one per bus where the node has an endpoint in the status, has
-/// prepared members (`local_pools`) or a physical attachment. Problems with single buses (no
+/// prepared members (`local_pools`), a physical attachment or external peers to serve. Problems with single buses (no
 /// port yet, an unreadable endpoint) are returned as messages naming the bus; the rest of the
 /// plan stands.
 pub fn plan(
@@ -118,9 +133,11 @@ pub fn plan(
     let mut problems = Vec::new();
     for bus in buses {
         let physical: Vec<&str> = bus.physical_on(node).collect();
+        let external = bus.external_peers_served_by(node);
         let takes_part = bus.endpoints.contains_key(node)
             || local_pools.contains(&bus.pool())
-            || !physical.is_empty();
+            || !physical.is_empty()
+            || !external.is_empty();
         if !takes_part {
             continue;
         }
@@ -164,6 +181,7 @@ pub fn plan(
                 tunnel_link,
                 listen: SocketAddr::new(address, port),
                 peers,
+                external,
                 physical: physical.first().map(|p| (*p).to_owned()),
             },
         );
@@ -174,7 +192,7 @@ pub fn plan(
 /// A running endpoint, as the manager uses it.
 pub trait TunnelEndpoint: Send + Sync + 'static {
     /// Replaces the peer set.
-    fn set_peers(&self, peers: &[SocketAddr]);
+    fn set_peers(&self, peers: &[(SocketAddr, PeerClass)]);
     /// The endpoint's counters.
     fn counters(&self) -> CountersSnapshot;
     /// Stops it.
@@ -182,8 +200,8 @@ pub trait TunnelEndpoint: Send + Sync + 'static {
 }
 
 impl TunnelEndpoint for Endpoint {
-    fn set_peers(&self, peers: &[SocketAddr]) {
-        Endpoint::set_peers(self, peers.iter().copied());
+    fn set_peers(&self, peers: &[(SocketAddr, PeerClass)]) {
+        Endpoint::set_classified_peers(self, peers.iter().copied());
     }
 
     fn counters(&self) -> CountersSnapshot {
@@ -331,16 +349,17 @@ impl<H: TunnelHost> Tunnels<H> {
 
         for (bus, plan) in wanted {
             if let Some(running) = self.running.get_mut(bus) {
-                if running.plan.peers != plan.peers {
-                    running.endpoint.set_peers(&plan.peers);
+                if running.plan.peers != plan.peers || running.plan.external != plan.external {
+                    running.endpoint.set_peers(&plan.classified_peers());
                     running.plan.peers = plan.peers.clone();
+                    running.plan.external = plan.external.clone();
                     report.repeered.push(bus.clone());
                 }
                 continue;
             }
             match self.start(plan).await {
                 Ok(endpoint) => {
-                    endpoint.set_peers(&plan.peers);
+                    endpoint.set_peers(&plan.classified_peers());
                     self.running.insert(
                         bus.clone(),
                         Running {

@@ -400,7 +400,20 @@ fn assert_clean(node: &Node) {
     );
 }
 
-async fn scenario(count: u8, leave_and_return: bool) {
+/// A CanBus on `count` nodes, each running a daemon, with one pod member per node.
+/// Fields drop in order: the pods first, the nodes (daemons, namespaces) last.
+struct Cluster {
+    pods: Vec<Pod>,
+    names: Vec<String>,
+    kubeconfig: PathBuf,
+    buses: Api<DynamicObject>,
+    server: ApiServer,
+    lan: Lan,
+}
+
+/// Creates the bus with `spec`, writes its endpoints on every node as the controller would (and
+/// `status`, merged), starts the daemons and attaches one member per node.
+async fn cluster(count: u8, spec: Value, status: Value) -> Cluster {
     let mut lan = Lan::new(count);
     let server = ApiServer::start_on(&format!("{}:0", lan.nodes[0].gateway))
         .await
@@ -418,13 +431,23 @@ async fn scenario(count: u8, leave_and_return: bool) {
     let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "can.dra.dev/v1alpha1", "kind": "CanBus",
         "metadata": {"name": BUS},
-        "spec": {"bitrate": "500k", "maxMembers": 8},
+        "spec": spec,
     }))
     .unwrap();
     buses.create(&PostParams::default(), &object).await.unwrap();
     let names: Vec<String> = lan.nodes.iter().map(|n| n.name.clone()).collect();
     let all: Vec<&str> = names.iter().map(String::as_str).collect();
     set_endpoints(&buses, &lan.nodes, &all).await;
+    if !status.is_null() {
+        buses
+            .patch_status(
+                BUS,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": status})),
+            )
+            .await
+            .unwrap();
+    }
 
     for node in &mut lan.nodes {
         node.spawn(&kubeconfig);
@@ -446,6 +469,31 @@ async fn scenario(count: u8, leave_and_return: bool) {
     }
     // The endpoint starts right after its links, in the same pass.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    Cluster {
+        lan,
+        server,
+        buses,
+        kubeconfig,
+        names,
+        pods,
+    }
+}
+
+async fn scenario(count: u8, leave_and_return: bool) {
+    let Cluster {
+        mut lan,
+        server: _server,
+        buses,
+        kubeconfig,
+        names,
+        pods,
+    } = cluster(
+        count,
+        json!({"bitrate": "500k", "maxMembers": 8}),
+        Value::Null,
+    )
+    .await;
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
 
     // Every frame reaches every pod exactly once (the sender sees its own through loopback).
     let n = pods.len();
@@ -547,4 +595,189 @@ async fn two_daemons_join_one_bus_survive_a_restart_and_clean_up() {
 #[ignore = "kernel test: needs CAN modules, veth and CAP_NET_ADMIN; run by `cargo xtask test`"]
 async fn three_daemons_follow_a_node_that_leaves_and_returns() {
     scenario(3, true).await;
+}
+
+/// The external peer's address: the test's own end of node-a's veth (the Python peer runs in
+/// the test's namespace) and cannelloni's default port.
+const EXTERNAL: &str = "192.0.2.1:20000";
+const EXTERNAL_ID: u32 = 0x1E0;
+
+/// Sends frames `id#<seq>` for every `seq` in `seqs` from `pod`, in order.
+fn send_numbered(pod: &Pod, id: u32, seqs: std::ops::Range<u8>) {
+    for seq in seqs {
+        cansend(&pod.ns, POD_IF, &format!("{id:03X}#{seq:02X}")).unwrap();
+    }
+}
+
+/// Per CAN id, the sequence numbers (first data byte) in the order they were seen.
+fn sequences(frames: impl IntoIterator<Item = (u32, u8)>) -> BTreeMap<u32, Vec<u8>> {
+    let mut out: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    for (id, seq) in frames {
+        out.entry(id).or_default().push(seq);
+    }
+    out
+}
+
+/// A cannelloni-format peer (`tunnel/tests/cannelloni_peer.py`, written from the format
+/// description, not with the project's encoder) on [`EXTERNAL`], sending `id#<seq>` for `seqs`
+/// to node-a, one frame per datagram; it prints what it receives until it has `expect` frames and
+/// two seconds more.
+struct PythonPeer {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl PythonPeer {
+    fn start(to: Ipv4Addr, seqs: std::ops::Range<u8>, expect: usize) -> Self {
+        use std::io::BufRead;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tunnel/tests/cannelloni_peer.py"
+        );
+        let send: Vec<Value> = seqs
+            .map(|seq| json!({"id": EXTERNAL_ID, "data": format!("{seq:02x}")}))
+            .collect();
+        let mut child = Command::new("/usr/bin/python3")
+            .args([
+                script,
+                "--bind",
+                EXTERNAL,
+                "--to",
+                &format!("{to}:{PORT}"),
+                "--send",
+                &Value::Array(send).to_string(),
+                "--per-datagram",
+                "1",
+                "--interval",
+                "0.02",
+                "--expect",
+                &expect.to_string(),
+                "--linger",
+                "2",
+                "--timeout",
+                "60",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "READY");
+        assert_eq!(lines.next().unwrap().unwrap(), "SENT");
+        Self { child, lines }
+    }
+
+    /// Waits for the peer to exit; returns (id, seq) of every frame it received, in order.
+    fn received(mut self) -> Vec<(u32, u8)> {
+        let frames = self
+            .lines
+            .by_ref()
+            .map(|line| {
+                let frame: Value = serde_json::from_str(&line.unwrap()).unwrap();
+                let id = u32::try_from(frame["id"].as_u64().unwrap()).unwrap();
+                let data = frame["data"].as_str().unwrap();
+                (id, u8::from_str_radix(&data[..2], 16).unwrap())
+            })
+            .collect();
+        assert!(self.child.wait().unwrap().success());
+        frames
+    }
+}
+
+/// Captures on every pod while `act` runs; each dump waits for `want` frames, then two seconds
+/// more so that a duplicate or a looping frame would show. Returns (id, seq) per pod, in order.
+fn capture(pods: &[Pod], want: usize, act: impl FnOnce()) -> Vec<Vec<(u32, u8)>> {
+    let dumps: Vec<Candump> = pods
+        .iter()
+        .map(|pod| Candump::start(&pod.ns, POD_IF).unwrap())
+        .collect();
+    act();
+    dumps
+        .into_iter()
+        .map(|dump| {
+            dump.wait_for(want, Duration::from_secs(30));
+            std::thread::sleep(Duration::from_secs(2));
+            dump.stop()
+                .unwrap()
+                .into_iter()
+                .map(|frame| (frame.id, frame.data.first().copied().unwrap_or(0xff)))
+                .collect()
+        })
+        .collect()
+}
+
+/// Every pod saw exactly `want`: these sequence numbers per id, in this order.
+fn assert_every_pod_saw(cluster: &Cluster, seen: &[Vec<(u32, u8)>], want: &BTreeMap<u32, Vec<u8>>) {
+    for (name, seen) in cluster.names.iter().zip(seen) {
+        assert_eq!(&sequences(seen.iter().copied()), want, "pod on {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "kernel test: needs CAN modules, veth and CAP_NET_ADMIN; run by `cargo xtask test`"]
+async fn an_external_cannelloni_peer_joins_a_bus_of_two_daemons_without_loops() {
+    // node-a serves the external peer, as the controller would record it; node-b does not know
+    // it: it gets the peer's frames only through node-a's relay.
+    let (address, port) = EXTERNAL.split_once(':').unwrap();
+    let spec = json!({"bitrate": "500k", "maxMembers": 8, "externalPeers": [
+        {"name": "rack", "address": address, "port": port.parse::<u16>().unwrap()}]});
+    let status = json!({"externalPeers": [{"name": "rack", "node": "node-a"}]});
+    let cluster = cluster(2, spec, status).await;
+    let (pods, node_a) = (&cluster.pods, cluster.lan.nodes[0].ip);
+    const A: u32 = 0x1A0;
+    const B: u32 = 0x1B0;
+
+    // Ten numbered frames from each of the three parties.
+    let mut peer = None;
+    let seen = capture(pods, 30, || {
+        peer = Some(PythonPeer::start(node_a, 0..10, 20));
+        send_numbered(&pods[0], A, 0..10);
+        send_numbered(&pods[1], B, 0..10);
+    });
+    let numbered: Vec<u8> = (0..10).collect();
+    let every = BTreeMap::from([
+        (A, numbered.clone()),
+        (B, numbered.clone()),
+        (EXTERNAL_ID, numbered.clone()),
+    ]);
+    // Each pod sees every frame once and in order: its own through the local loopback, the
+    // others' through the tunnel (an echo or a loop would show a frame twice).
+    assert_every_pod_saw(&cluster, &seen, &every);
+    // The external peer gets both nodes' frames once and in order, and never its own back.
+    let external = peer.take().unwrap().received();
+    assert_eq!(
+        sequences(external),
+        BTreeMap::from([(A, numbered.clone()), (B, numbered)]),
+        "the external peer"
+    );
+
+    // The external peer goes silent (its process is gone; node-a's datagrams to it now draw
+    // ICMP port unreachable). The nodes still reach each other, unslowed and exactly once.
+    let seen = capture(pods, 6, || {
+        send_numbered(&pods[0], A, 10..13);
+        send_numbered(&pods[1], B, 10..13);
+    });
+    let during = BTreeMap::from([(A, vec![10, 11, 12]), (B, vec![10, 11, 12])]);
+    assert_every_pod_saw(&cluster, &seen, &during);
+
+    // It comes back on the same address and port: frames flow both ways again, with nothing
+    // restarted.
+    let mut peer = None;
+    let seen = capture(pods, 9, || {
+        peer = Some(PythonPeer::start(node_a, 20..23, 6));
+        send_numbered(&pods[0], A, 20..23);
+        send_numbered(&pods[1], B, 20..23);
+    });
+    let after = BTreeMap::from([
+        (A, vec![20, 21, 22]),
+        (B, vec![20, 21, 22]),
+        (EXTERNAL_ID, vec![20, 21, 22]),
+    ]);
+    assert_every_pod_saw(&cluster, &seen, &after);
+    assert_eq!(
+        sequences(peer.take().unwrap().received()),
+        BTreeMap::from([(A, vec![20, 21, 22]), (B, vec![20, 21, 22])]),
+        "the external peer after its return"
+    );
+    drop(cluster);
 }

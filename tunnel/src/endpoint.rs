@@ -8,8 +8,9 @@
 //!   queue the frames in a bounded queue and write them to the CAN socket.
 //!
 //! Loop freedom: the CAN socket has `recv_own_msgs` off, so frames this endpoint writes (which
-//! came from a peer) are never read back and never sent to another peer. Endpoints form a full
-//! mesh and never relay. On a node, the local can-gw mesh does not echo them back either: the
+//! came from a peer) are never read back from CAN. Node peers form a full mesh; frames are
+//! relayed only to and from external peers ([`relay`] has the table). On a node, the local can-gw
+//! mesh does not echo them back either: the
 //! frame enters the mesh through the vxcan peer of the endpoint's interface, each gw rule
 //! forwards it once into a member, and with `max_hops=1` a forwarded frame is not forwarded
 //! again, so nothing returns to the endpoint's interface.
@@ -31,6 +32,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::codec::{self, CANFD_BRS, CANFD_ESI, Encoder, EncoderError, Frame, RejectReason};
+
+mod relay;
+
+pub use relay::PeerClass;
+use relay::{Origin, Sender};
 
 /// The cannelloni default port, used by [`EndpointConfig::new`] docs and examples.
 pub const DEFAULT_PORT: u16 = 20000;
@@ -280,6 +286,10 @@ pub struct PeerCounters {
     pub datagrams_out: u64,
     /// Datagrams that could not be sent to the peer.
     pub send_failures: u64,
+    /// Frames sent to the peer that came from another peer (included in `frames_out`).
+    pub relayed_out: u64,
+    /// What the peer is: another node's endpoint or an external peer.
+    pub class: PeerClass,
 }
 
 /// All counters of an endpoint at one moment.
@@ -320,10 +330,11 @@ struct PeerStats {
     frames_out: AtomicU64,
     datagrams_out: AtomicU64,
     send_failures: AtomicU64,
+    relayed_out: AtomicU64,
 }
 
 impl PeerStats {
-    fn snapshot(&self) -> PeerCounters {
+    fn snapshot(&self, class: PeerClass) -> PeerCounters {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PeerCounters {
             frames_in: read(&self.frames_in),
@@ -332,6 +343,8 @@ impl PeerStats {
             frames_out: read(&self.frames_out),
             datagrams_out: read(&self.datagrams_out),
             send_failures: read(&self.send_failures),
+            relayed_out: read(&self.relayed_out),
+            class,
         }
     }
 }
@@ -349,6 +362,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 #[derive(Debug, Clone)]
 struct Peer {
     addr: SocketAddr,
+    class: PeerClass,
     stats: Arc<PeerStats>,
 }
 
@@ -378,11 +392,18 @@ impl Shared {
         Arc::clone(&self.peers.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Replaces the peer set; peers that stay keep their counters.
+    /// Replaces the peer set with node peers; peers that stay keep their counters.
     fn set_peers(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        self.set_classified_peers(addrs.into_iter().map(|addr| (addr, PeerClass::Node)));
+    }
+
+    /// Replaces the peer set; peers that stay keep their counters (and take the new class). An
+    /// address given twice counts once, with its first class.
+    fn set_classified_peers(&self, peers: impl IntoIterator<Item = (SocketAddr, PeerClass)>) {
         let mut guard = self.peers.write().unwrap_or_else(PoisonError::into_inner);
         let mut next: Vec<Peer> = Vec::new();
-        for addr in addrs.into_iter().map(canonical) {
+        for (addr, class) in peers {
+            let addr = canonical(addr);
             if next.iter().any(|peer| peer.addr == addr) {
                 continue;
             }
@@ -391,7 +412,7 @@ impl Shared {
                 .find(|peer| peer.addr == addr)
                 .map(|peer| Arc::clone(&peer.stats))
                 .unwrap_or_default();
-            next.push(Peer { addr, stats });
+            next.push(Peer { addr, class, stats });
         }
         *guard = Arc::new(next);
     }
@@ -414,7 +435,8 @@ impl Shared {
     }
 
     /// Admits one datagram: checks the source, decodes it and appends its forwardable frames
-    /// to `queue` (bounded by `capacity`). Everything refused is counted.
+    /// to `queue` (bounded by `capacity`). Everything refused is counted. The forwardable frames
+    /// stay in `scratch`, to be relayed as coming from the returned origin.
     fn admit(
         &self,
         source: SocketAddr,
@@ -422,20 +444,21 @@ impl Shared {
         scratch: &mut Vec<Frame>,
         queue: &mut VecDeque<Frame>,
         capacity: usize,
-    ) {
+    ) -> Option<Origin> {
+        scratch.clear();
         let Some(peer) = self.peer_for(source) else {
             self.drop_count(DropReason::UnknownSource, 1);
             tracing::trace!(%source, "datagram from a non-peer dropped");
-            return;
+            return None;
         };
-        scratch.clear();
         let header = match codec::decode(datagram, scratch) {
             Ok(header) => header,
             Err(error) => {
+                scratch.clear();
                 self.drop_count(DropReason::Rejected(error.reason()), 1);
                 bump(&peer.stats.datagrams_rejected, 1);
                 tracing::debug!(%source, %error, "malformed datagram dropped");
-                return;
+                return None;
             }
         };
         if header.fd_remote_dropped > 0 {
@@ -450,15 +473,20 @@ impl Shared {
         }
         bump(&peer.stats.datagrams_in, 1);
         bump(&peer.stats.frames_in, scratch.len() as u64);
-        for frame in scratch.drain(..) {
+        scratch.retain(|frame| {
             if frame.is_error() {
                 self.drop_count(DropReason::ErrorFrameFromPeer, 1);
-            } else if queue.len() >= capacity {
+            }
+            !frame.is_error()
+        });
+        for frame in scratch.iter() {
+            if queue.len() >= capacity {
                 self.drop_count(DropReason::ToCanQueueFull, 1);
             } else {
-                queue.push_back(frame);
+                queue.push_back(*frame);
             }
         }
+        Some(Origin::Peer(peer.addr, peer.class))
     }
 
     fn snapshot(&self) -> CountersSnapshot {
@@ -470,7 +498,7 @@ impl Shared {
             peers: self
                 .peers()
                 .iter()
-                .map(|peer| (peer.addr, peer.stats.snapshot()))
+                .map(|peer| (peer.addr, peer.stats.snapshot(peer.class)))
                 .collect(),
             drops: DropReason::all()
                 .map(|reason| (reason, read(&self.drops[reason.slot()])))
@@ -533,18 +561,18 @@ impl Endpoint {
         let can = Arc::new(can);
         let udp = Arc::new(udp);
         let (stop, stopped) = watch::channel(false);
+        let ipv6_socket = local_addr.is_ipv6();
         let outbound = CanToPeers {
             shared: Arc::clone(&shared),
             can: Arc::clone(&can),
-            udp: Arc::clone(&udp),
-            encoder,
-            ipv6_socket: local_addr.is_ipv6(),
+            sender: Sender::new(Arc::clone(&udp), encoder.clone(), ipv6_socket),
             window: config.batch_window,
             max_batch: config.max_batch_frames,
         };
         let inbound = PeersToCan {
             shared: Arc::clone(&shared),
             can,
+            sender: Sender::new(Arc::clone(&udp), encoder, ipv6_socket),
             udp,
             capacity: config.to_can_queue,
         };
@@ -566,10 +594,19 @@ impl Endpoint {
         self.local_addr
     }
 
-    /// Replaces the peer set. Frames go to exactly these peers from now on, and datagrams are
-    /// accepted only from them. Peers that stay keep their counters; duplicates are ignored.
+    /// Replaces the peer set with node peers (other can-dra endpoints of the bus). Frames go to
+    /// exactly these peers from now on, and datagrams are accepted only from them. Peers that stay
+    /// keep their counters; duplicates are ignored.
     pub fn set_peers(&self, peers: impl IntoIterator<Item = SocketAddr>) {
         self.shared.set_peers(peers);
+        tracing::debug!(peers = ?self.peers(), "tunnel peers changed");
+    }
+
+    /// Replaces the peer set with peers of either class, as [`Endpoint::set_peers`] does; frames
+    /// from external peers are relayed to every other peer, frames from node peers to the
+    /// external peers (see [`PeerClass`]).
+    pub fn set_classified_peers(&self, peers: impl IntoIterator<Item = (SocketAddr, PeerClass)>) {
+        self.shared.set_classified_peers(peers);
         tracing::debug!(peers = ?self.peers(), "tunnel peers changed");
     }
 
@@ -715,9 +752,7 @@ fn to_socket(frame: &Frame) -> CanAnyFrame {
 struct CanToPeers {
     shared: Arc<Shared>,
     can: Arc<CanFdSocket>,
-    udp: Arc<UdpSocket>,
-    encoder: Encoder,
-    ipv6_socket: bool,
+    sender: Sender,
     window: Duration,
     max_batch: usize,
 }
@@ -735,7 +770,7 @@ enum Drain {
 impl CanToPeers {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         let mut batch: Vec<Frame> = Vec::with_capacity(self.max_batch);
-        let mut datagram = Vec::with_capacity(self.encoder.limit());
+        let mut datagram = Vec::with_capacity(self.sender.limit());
         loop {
             let first = tokio::select! {
                 _ = stopped.changed() => return,
@@ -816,36 +851,9 @@ impl CanToPeers {
     }
 
     async fn flush(&mut self, batch: &[Frame], datagram: &mut Vec<u8>) {
-        let peers = self.shared.peers();
-        if peers.is_empty() {
-            return;
-        }
-        let mut rest = batch;
-        while !rest.is_empty() {
-            let taken = self.encoder.encode_one(rest, datagram);
-            if taken == 0 {
-                break;
-            }
-            rest = &rest[taken..];
-            for peer in peers.iter() {
-                let target = if self.ipv6_socket {
-                    SocketAddr::new(to_v6(peer.addr.ip()), peer.addr.port())
-                } else {
-                    peer.addr
-                };
-                match self.udp.send_to(datagram, target).await {
-                    Ok(_) => {
-                        bump(&peer.stats.datagrams_out, 1);
-                        bump(&peer.stats.frames_out, taken as u64);
-                    }
-                    Err(error) => {
-                        bump(&peer.stats.send_failures, 1);
-                        self.shared.drop_count(DropReason::UdpSendFailed, 1);
-                        tracing::debug!(peer = %peer.addr, %error, "sending a datagram failed");
-                    }
-                }
-            }
-        }
+        self.sender
+            .send(&self.shared, Origin::Local, batch, datagram)
+            .await;
     }
 }
 
@@ -862,6 +870,8 @@ struct PeersToCan {
     shared: Arc<Shared>,
     can: Arc<CanFdSocket>,
     udp: Arc<UdpSocket>,
+    /// Relays what peers send to the peers it is for.
+    sender: Sender,
     capacity: usize,
 }
 
@@ -869,10 +879,11 @@ struct PeersToCan {
 const CAN_RETRY: Duration = Duration::from_millis(1);
 
 impl PeersToCan {
-    async fn run(self, mut stopped: watch::Receiver<bool>) {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
         // The largest UDP payload: a datagram is never cut short.
         let mut buffer = vec![0u8; 65_536];
         let mut scratch = Vec::new();
+        let mut relayed = Vec::with_capacity(self.sender.limit());
         let mut queue: VecDeque<Frame> = VecDeque::new();
         let mut retry_at: Option<Instant> = None;
         loop {
@@ -884,7 +895,14 @@ impl PeersToCan {
                 received = self.udp.recv_from(&mut buffer) => match received {
                     Ok((len, source)) => {
                         let datagram = buffer.get(..len).unwrap_or_default();
-                        self.shared.admit(source, datagram, &mut scratch, &mut queue, self.capacity);
+                        let origin = self.shared.admit(
+                            source, datagram, &mut scratch, &mut queue, self.capacity,
+                        );
+                        if let Some(origin) = origin
+                            && !scratch.is_empty()
+                        {
+                            self.sender.send(&self.shared, origin, &scratch, &mut relayed).await;
+                        }
                     }
                     Err(error) => {
                         // ICMP errors and the like: nothing to do but log and carry on.

@@ -6,7 +6,8 @@
 //! - [`codec`]: cannelloni's UDP datagram format (version 2), byte for byte, so an existing
 //!   cannelloni endpoint (a HIL rack, an ESP32 bridge) can be a peer;
 //! - [`endpoint`]: the running endpoint (tokio): one raw CAN socket, one UDP socket, a peer set
-//!   that changes at run time, bounded buffers and counters.
+//!   that changes at run time (node peers and external peers, whose frames it relays), bounded
+//!   buffers and counters.
 //!
 //! See `docs/tunnel.md` for the wiring on a node.
 
@@ -15,5 +16,6 @@ pub mod endpoint;
 
 pub use codec::{DecodeError, Encoder, Frame, RejectReason, decode};
 pub use endpoint::{
-    CountersSnapshot, DropReason, Endpoint, EndpointConfig, EndpointError, Namespaces, PeerCounters,
+    CountersSnapshot, DropReason, Endpoint, EndpointConfig, EndpointError, Namespaces, PeerClass,
+    PeerCounters,
 };

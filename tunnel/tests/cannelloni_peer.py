@@ -7,11 +7,13 @@ frame: u32 can_id, u8 len with 0x80 marking CAN FD, an FD flags byte for FD fram
 the data, which remote frames omit; everything big-endian).
 
 Usage:
-  cannelloni_peer.py --bind IP:PORT --to IP:PORT [--send JSON] [--expect N] [--timeout S]
+  cannelloni_peer.py --bind IP:PORT --to IP:PORT [--send JSON] [--per-datagram K]
+                     [--interval S] [--expect N] [--linger S] [--timeout S]
 
 Prints READY once bound, SENT after sending the frames of --send (a JSON list of
-{"id": int, "data": hex, "fd": bool, "flags": int, "dlc": int}), then one JSON object per
-frame received, and exits after N frames or the timeout.
+{"id": int, "data": hex, "fd": bool, "flags": int, "dlc": int}; all in one datagram, or K per
+datagram with S seconds between datagrams), then one JSON object per frame received, and exits
+after N frames (and --linger seconds more, so that extra frames would show) or the timeout.
 """
 
 import argparse
@@ -79,7 +81,10 @@ def main():
     parser.add_argument("--bind", required=True, type=address)
     parser.add_argument("--to", required=True, type=address)
     parser.add_argument("--send", default="[]")
+    parser.add_argument("--per-datagram", type=int, default=0)
+    parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--expect", type=int, default=0)
+    parser.add_argument("--linger", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
 
@@ -88,13 +93,20 @@ def main():
     print("READY", flush=True)
 
     frames = json.loads(args.send)
-    if frames:
-        sock.sendto(pack(frames, 1), args.to)
+    step = args.per_datagram or max(len(frames), 1)
+    for seq, start in enumerate(range(0, len(frames), step)):
+        if seq and args.interval:
+            time.sleep(args.interval)
+        sock.sendto(pack(frames[start:start + step], seq + 1), args.to)
     print("SENT", flush=True)
 
     received = 0
     deadline = time.monotonic() + args.timeout
-    while received < args.expect:
+    lingering = False
+    while True:
+        if received >= args.expect and not lingering:
+            lingering = True
+            deadline = min(deadline, time.monotonic() + args.linger)
         left = deadline - time.monotonic()
         if left <= 0:
             break

@@ -26,6 +26,7 @@ fn bus(name: &str, port: Option<u16>, endpoints: &[(&str, &str)]) -> SharedBus {
             .iter()
             .map(|(n, e)| ((*n).to_owned(), (*e).to_owned()))
             .collect(),
+        external_peers: Vec::new(),
     }
 }
 
@@ -146,12 +147,21 @@ struct HostDouble(Arc<Mutex<HostLog>>);
 struct EndpointDouble {
     bus: String,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
+    external: Arc<Mutex<Vec<SocketAddr>>>,
     log: Arc<Mutex<HostLog>>,
 }
 
 impl TunnelEndpoint for EndpointDouble {
-    fn set_peers(&self, peers: &[SocketAddr]) {
-        *self.peers.lock().unwrap() = peers.to_vec();
+    fn set_peers(&self, peers: &[(SocketAddr, PeerClass)]) {
+        let of = |class| {
+            peers
+                .iter()
+                .filter(|(_, c)| *c == class)
+                .map(|(addr, _)| *addr)
+                .collect()
+        };
+        *self.peers.lock().unwrap() = of(PeerClass::Node);
+        *self.external.lock().unwrap() = of(PeerClass::External);
     }
 
     fn counters(&self) -> CountersSnapshot {
@@ -227,6 +237,7 @@ impl TunnelHost for HostDouble {
         Ok(EndpointDouble {
             bus: plan.bus.clone(),
             peers: Arc::default(),
+            external: Arc::default(),
             log: Arc::clone(&self.0),
         })
     }
@@ -363,4 +374,63 @@ async fn stopping_endpoints_keeps_links_for_the_next_daemon() {
     let log = host.log();
     assert!(log.links.contains("vxtm-body"));
     assert_eq!(log.events.last().map(String::as_str), Some("stop body"));
+}
+
+/// `three_nodes` with an external peer `rack`, served by `serving`.
+fn with_rack(serving: &str) -> SharedBus {
+    let mut bus = three_nodes();
+    bus.spec.external_peers = vec![can_dra_cluster::canbus::ExternalPeer {
+        name: "rack".into(),
+        address: "198.51.100.7".into(),
+        port: 20000,
+        node: None,
+    }];
+    bus.external_peers = vec![can_dra_cluster::canbus::ExternalPeerStatus {
+        name: "rack".into(),
+        node: serving.into(),
+    }];
+    bus
+}
+
+#[tokio::test]
+async fn the_serving_node_adds_the_external_peer_and_follows_it_without_a_restart() {
+    let rack = addr("198.51.100.7:20000");
+    // Another node serves it: this one does not talk to it at all.
+    assert!(plan_of(&[with_rack("n2")])["body"].external.is_empty());
+
+    let host = HostDouble::default();
+    let mut tunnels = Tunnels::new(host.clone());
+    let report = tunnels.apply(&plan_of(&[with_rack(NODE)])).await;
+    assert_eq!(report.started, ["body"]);
+    let running = &tunnels.running["body"].endpoint;
+    assert_eq!(*running.external.lock().unwrap(), [rack]);
+    assert_eq!(
+        peers_of(&tunnels, "body"),
+        [addr("192.0.2.2:47000"), addr("192.0.2.3:47000")]
+    );
+
+    // The peer moves to n2: the endpoint keeps running with only its node peers.
+    let report = tunnels.apply(&plan_of(&[with_rack("n2")])).await;
+    assert_eq!(
+        (report.repeered, report.started),
+        (vec!["body".to_owned()], vec![])
+    );
+    assert!(
+        tunnels.running["body"]
+            .endpoint
+            .external
+            .lock()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!host.log().events.iter().any(|e| e == "stop body"));
+}
+
+#[test]
+fn a_node_that_only_serves_an_external_peer_takes_part() {
+    let mut bus = with_rack(NODE);
+    bus.endpoints.remove(NODE);
+    let plans = plan_of(&[bus]);
+    assert_eq!(plans["body"].external, [addr("198.51.100.7:20000")]);
+    assert_eq!(plans["body"].classified_peers().len(), 3);
 }
