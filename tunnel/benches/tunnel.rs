@@ -73,6 +73,43 @@ fn process_cpu() -> Result<Duration> {
     )?))
 }
 
+/// The name of the runtime's worker threads, which run every endpoint and nothing else.
+const WORKER: &str = "tunnel-worker";
+
+/// CPU time of the endpoints: the runtime's worker threads (kernel work done on their behalf,
+/// such as sending a datagram through veth and the hub, included).
+fn endpoint_cpu() -> Result<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        if std::fs::read_to_string(task.join("comm"))?.trim() != WORKER {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(task.join("schedstat"))?;
+        total += schedstat
+            .split_whitespace()
+            .next()
+            .ok_or("empty schedstat")?
+            .parse::<u64>()?;
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// UDP datagrams the kernel dropped in `netns` because a receive buffer was full.
+fn udp_receive_buffer_errors(netns: &Netns) -> Result<u64> {
+    let snmp = netns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return Err("no Udp lines in /proc/net/snmp".into());
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .ok_or_else(|| "no RcvbufErrors in /proc/net/snmp".into())
+        .and_then(|(_, value)| Ok(value.parse()?))
+}
+
 /// The VM's own load average (the host's is noted outside, with `uptime`).
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -221,6 +258,8 @@ struct Outcome {
     max_us: f64,
     /// Process CPU time per delivered frame.
     cpu_us_per_frame: f64,
+    /// CPU time of the endpoints per delivered frame.
+    endpoint_us_per_frame: f64,
 }
 
 /// Sends `rate` frames/s for `seconds` on `tx`, with ids from `*next_id`, and receives on every
@@ -244,6 +283,7 @@ fn measure(
         socket.set_read_timeout(Duration::from_millis(100))?;
     }
     let cpu_before = process_cpu()?;
+    let endpoints_before = endpoint_cpu()?;
     let (sent, elapsed, received) = std::thread::scope(|scope| -> Result<_> {
         let receivers: Vec<_> = rx
             .iter()
@@ -264,7 +304,11 @@ fn measure(
                 tx.write_frame_insist(&frame)?;
                 sent += 1;
             }
-            std::thread::sleep(Duration::from_micros(200));
+            // Until the next frame is due, but at least 200 µs: every wake-up of the sender
+            // costs CPU the endpoints then lack (a lot of it under emulation).
+            let next = Duration::from_secs_f64(f64::from(sent + 1) / f64::from(rate));
+            let wait = next.saturating_sub(start.elapsed());
+            std::thread::sleep(wait.max(Duration::from_micros(200)));
         }
         let elapsed = start.elapsed().as_secs_f64();
         // Wait for stragglers: until everything arrived, or nothing did for a while.
@@ -288,6 +332,7 @@ fn measure(
     })?;
     // Time spent waiting for stragglers costs next to no CPU: the receivers block.
     let cpu = process_cpu()?.saturating_sub(cpu_before);
+    let endpoints = endpoint_cpu()?.saturating_sub(endpoints_before);
     let mut latencies: Vec<u64> = received
         .iter()
         .flat_map(|got| got.latencies.iter().copied())
@@ -312,6 +357,7 @@ fn measure(
         p99_us: percentile(0.99),
         max_us: percentile(1.0),
         cpu_us_per_frame: cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+        endpoint_us_per_frame: endpoints.as_secs_f64() * 1e6 / delivered.max(1) as f64,
     })
 }
 
@@ -365,6 +411,7 @@ fn main() -> Result<()> {
     let args = args()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(WORKER)
         .enable_all()
         .build()?;
     println!(
@@ -434,15 +481,17 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     let mut results = vec![vec![Vec::new(); RATES.len()]; paths.len()];
     println!();
     println!(
-        "| rep | path | offered fps | achieved fps | sent | lost | dup | reord | p50 µs | p99 µs | max µs | CPU µs/frame | VM load |"
+        "| rep | path | offered fps | achieved fps | sent | lost | dup | reord | p50 µs | p99 µs | max µs | process CPU µs/frame | endpoints CPU µs/frame | UDP rcvbuf drops | VM load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for rep in 1..=args.repetitions {
         for (rate_index, rate) in RATES.iter().enumerate() {
             for (path_index, (name, tx, rx)) in paths.iter().enumerate() {
+                let drops_before = udp_receive_buffer_errors(&b.netns)?;
                 let outcome = measure(tx, &[rx], *rate, args.seconds, base, &mut next_id)?;
+                let drops = udp_receive_buffer_errors(&b.netns)? - drops_before;
                 println!(
-                    "| {rep} | {name} | {rate} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
+                    "| {rep} | {name} | {rate} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {drops} | {} |",
                     outcome.achieved,
                     outcome.sent,
                     outcome.lost,
@@ -452,6 +501,7 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     outcome.p99_us,
                     outcome.max_us,
                     outcome.cpu_us_per_frame,
+                    outcome.endpoint_us_per_frame,
                     loadavg(),
                 );
                 if outcome.strays > 0 {
@@ -472,9 +522,9 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     );
     println!();
     println!(
-        "| path | offered fps | lost (per rep) | dup | reord | p50 µs | p99 µs | p99 / local p99 | CPU µs/frame | CPU / local |"
+        "| path | offered fps | lost (per rep) | dup | reord | p50 µs | p99 µs | p99 / local p99 | process CPU µs/frame | process CPU / local | endpoints CPU µs/frame |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (path_index, (name, _, _)) in paths.iter().enumerate() {
         for (rate_index, rate) in RATES.iter().enumerate() {
             let runs = &results[path_index][rate_index];
@@ -486,7 +536,7 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     .collect::<Vec<_>>()
             };
             println!(
-                "| {name} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 runs.iter()
                     .map(|run| run.lost.to_string())
                     .collect::<Vec<_>>()
@@ -498,6 +548,10 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                 spread(ratio(|run| run.p99_us), 1),
                 spread(runs.iter().map(|run| run.cpu_us_per_frame).collect(), 1),
                 spread(ratio(|run| run.cpu_us_per_frame), 2),
+                spread(
+                    runs.iter().map(|run| run.endpoint_us_per_frame).collect(),
+                    1
+                ),
             );
         }
     }
@@ -542,16 +596,26 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     for (bus, endpoint) in &endpoints {
         let counters = endpoint.counters();
         let out: u64 = counters.peers.values().map(|peer| peer.datagrams_out).sum();
-        if counters.frames_from_can > 0 {
-            println!(
-                "{}: sending endpoint read {} frames from CAN, sent {} datagrams ({:.1} frames each), drops {}",
-                paths[usize::from(*bus) + 1].0,
-                counters.frames_from_can,
-                out,
-                counters.frames_from_can as f64 / out.max(1) as f64,
-                counters.drops.values().sum::<u64>()
-            );
-        }
+        let drops: Vec<String> = counters
+            .drops
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(reason, count)| format!("{} {count}", reason.as_str()))
+            .collect();
+        println!(
+            "{} at {}: {} frames from CAN in {} datagrams ({:.1} frames each), {} frames to CAN, drops: {}",
+            paths[usize::from(*bus) + 1].0,
+            endpoint.local_addr(),
+            counters.frames_from_can,
+            out,
+            counters.frames_from_can as f64 / out.max(1) as f64,
+            counters.frames_to_can,
+            if drops.is_empty() {
+                "none".to_string()
+            } else {
+                drops.join(", ")
+            }
+        );
     }
     for (_, endpoint) in endpoints {
         runtime.block_on(endpoint.shutdown())?;
@@ -564,9 +628,9 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
 fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     println!();
     println!(
-        "| nodes | policy | rep | offered fps | achieved fps | delivered | lost | dup | reord | p50 µs | p99 µs | CPU µs per delivered frame | sender datagrams/s | VM load |"
+        "| nodes | policy | rep | offered fps | achieved fps | delivered | lost | dup | reord | p50 µs | p99 µs | process CPU µs per delivered frame | endpoints CPU µs per delivered frame | sender datagrams/s | VM load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut clean = true;
     let mut summary = Vec::new();
     let base = Instant::now();
@@ -594,7 +658,7 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                 .map(|node| open_in(&node.netns, "bus0"))
                 .collect::<Result<Vec<_>>>()?;
             let rx: Vec<&CanSocket> = rx.iter().collect();
-            let mut cpu = Vec::new();
+            let (mut cpu, mut endpoint) = (Vec::new(), Vec::new());
             for rep in 1..=args.repetitions {
                 let datagrams_before: u64 = endpoints[0]
                     .counters()
@@ -611,7 +675,7 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     .sum();
                 let delivered = outcome.sent * rx.len() - outcome.lost;
                 println!(
-                    "| {count} | {policy_name} | {rep} | {} | {:.0} | {delivered} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.0} | {} |",
+                    "| {count} | {policy_name} | {rep} | {} | {:.0} | {delivered} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
                     args.rate,
                     outcome.achieved,
                     outcome.lost,
@@ -620,6 +684,7 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     outcome.p50_us,
                     outcome.p99_us,
                     outcome.cpu_us_per_frame,
+                    outcome.endpoint_us_per_frame,
                     (datagrams_after - datagrams_before) as f64 / args.seconds,
                     loadavg(),
                 );
@@ -627,18 +692,21 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     clean = false;
                 }
                 cpu.push(outcome.cpu_us_per_frame);
+                endpoint.push(outcome.endpoint_us_per_frame);
             }
-            summary.push((count, policy_name, spread(cpu, 1)));
+            summary.push((count, policy_name, spread(cpu, 1), spread(endpoint, 1)));
             for endpoint in endpoints {
                 runtime.block_on(endpoint.shutdown())?;
             }
         }
     }
     println!();
-    println!("| nodes | policy | CPU µs per delivered frame (min / median / max) |");
-    println!("|---|---|---|");
-    for (count, policy, cpu) in summary {
-        println!("| {count} | {policy} | {cpu} |");
+    println!(
+        "| nodes | policy | process CPU µs per delivered frame (min / median / max) | endpoints CPU µs per delivered frame |"
+    );
+    println!("|---|---|---|---|");
+    for (count, policy, cpu, endpoint) in summary {
+        println!("| {count} | {policy} | {cpu} | {endpoint} |");
     }
     Ok(clean)
 }
