@@ -82,7 +82,11 @@ fn endpoint_cpu() -> Result<Duration> {
     let mut total = 0u64;
     for task in std::fs::read_dir("/proc/self/task")? {
         let task = task?.path();
-        if std::fs::read_to_string(task.join("comm"))?.trim() != WORKER {
+        // Threads come and go (receivers, namespace helpers): skip those already gone.
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if comm.trim() != WORKER {
             continue;
         }
         let schedstat = std::fs::read_to_string(task.join("schedstat"))?;
@@ -252,6 +256,8 @@ struct Outcome {
     lost: usize,
     duplicates: usize,
     reordered: usize,
+    /// Frames already out of order on the sending bus (before any tunnel).
+    source_reordered: usize,
     strays: usize,
     p50_us: f64,
     p99_us: f64,
@@ -263,9 +269,11 @@ struct Outcome {
 }
 
 /// Sends `rate` frames/s for `seconds` on `tx`, with ids from `*next_id`, and receives on every
-/// socket of `rx`.
+/// socket of `rx`. `source` is a second socket on the sending bus: what it sees out of order
+/// was reordered before it left the sending bus.
 fn measure(
     tx: &CanSocket,
+    source: &CanSocket,
     rx: &[&CanSocket],
     rate: u32,
     seconds: f64,
@@ -279,12 +287,13 @@ fn measure(
     let stop = AtomicBool::new(false);
     let unique = AtomicUsize::new(0);
     let last_arrival = AtomicU64::new(0);
-    for socket in rx {
+    let (source_unique, source_last) = (AtomicUsize::new(0), AtomicU64::new(0));
+    for socket in rx.iter().chain([&source]) {
         socket.set_read_timeout(Duration::from_millis(100))?;
     }
     let cpu_before = process_cpu()?;
     let endpoints_before = endpoint_cpu()?;
-    let (sent, elapsed, received) = std::thread::scope(|scope| -> Result<_> {
+    let (sent, elapsed, (received, at_source)) = std::thread::scope(|scope| -> Result<_> {
         let receivers: Vec<_> = rx
             .iter()
             .map(|socket| {
@@ -293,6 +302,11 @@ fn measure(
                 scope.spawn(move || receive(socket, ids, base, stop, unique, last_arrival))
             })
             .collect();
+        let source_receiver = {
+            let (ids, stop) = (ids.clone(), &stop);
+            let (unique, last_arrival) = (&source_unique, &source_last);
+            scope.spawn(move || receive(source, ids, base, stop, unique, last_arrival))
+        };
         let start = Instant::now();
         let mut sent = 0u32;
         while sent < total {
@@ -328,7 +342,8 @@ fn measure(
         for receiver in receivers {
             received.push(receiver.join().map_err(|_| "receiver panicked")?);
         }
-        Ok((sent as usize, elapsed, received))
+        let at_source = source_receiver.join().map_err(|_| "receiver panicked")?;
+        Ok((sent as usize, elapsed, (received, at_source)))
     })?;
     // Time spent waiting for stragglers costs next to no CPU: the receivers block.
     let cpu = process_cpu()?.saturating_sub(cpu_before);
@@ -352,6 +367,7 @@ fn measure(
         lost: (sent * rx.len()).saturating_sub(delivered),
         duplicates: received.iter().map(|got| got.duplicates).sum(),
         reordered: received.iter().map(|got| got.reordered).sum(),
+        source_reordered: at_source.reordered,
         strays: received.iter().map(|got| got.strays).sum(),
         p50_us: percentile(0.50),
         p99_us: percentile(0.99),
@@ -464,12 +480,14 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     let mut paths = vec![(
         "local vxcan hop".to_string(),
         open_in(&a.netns, "vxa")?,
+        open_in(&a.netns, "vxa")?,
         open_in(&a.netns, "vxb")?,
     )];
     for (bus, (name, _)) in policies.iter().enumerate() {
         let interface = format!("bus{bus}");
         paths.push((
             format!("tunnel, {name}"),
+            open_in(&a.netns, &interface)?,
             open_in(&a.netns, &interface)?,
             open_in(&b.netns, &interface)?,
         ));
@@ -481,22 +499,23 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     let mut results = vec![vec![Vec::new(); RATES.len()]; paths.len()];
     println!();
     println!(
-        "| rep | path | offered fps | achieved fps | sent | lost | dup | reord | p50 µs | p99 µs | max µs | process CPU µs/frame | endpoints CPU µs/frame | UDP rcvbuf drops | VM load |"
+        "| rep | path | offered fps | achieved fps | sent | lost | dup | reord | reord at source | p50 µs | p99 µs | max µs | process CPU µs/frame | endpoints CPU µs/frame | UDP rcvbuf drops | VM load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for rep in 1..=args.repetitions {
         for (rate_index, rate) in RATES.iter().enumerate() {
-            for (path_index, (name, tx, rx)) in paths.iter().enumerate() {
+            for (path_index, (name, tx, source, rx)) in paths.iter().enumerate() {
                 let drops_before = udp_receive_buffer_errors(&b.netns)?;
-                let outcome = measure(tx, &[rx], *rate, args.seconds, base, &mut next_id)?;
+                let outcome = measure(tx, source, &[rx], *rate, args.seconds, base, &mut next_id)?;
                 let drops = udp_receive_buffer_errors(&b.netns)? - drops_before;
                 println!(
-                    "| {rep} | {name} | {rate} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {drops} | {} |",
+                    "| {rep} | {name} | {rate} | {:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {drops} | {} |",
                     outcome.achieved,
                     outcome.sent,
                     outcome.lost,
                     outcome.duplicates,
                     outcome.reordered,
+                    outcome.source_reordered,
                     outcome.p50_us,
                     outcome.p99_us,
                     outcome.max_us,
@@ -525,7 +544,7 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
         "| path | offered fps | lost (per rep) | dup | reord | p50 µs | p99 µs | p99 / local p99 | process CPU µs/frame | process CPU / local | endpoints CPU µs/frame |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (path_index, (name, _, _)) in paths.iter().enumerate() {
+    for (path_index, (name, _, _, _)) in paths.iter().enumerate() {
         for (rate_index, rate) in RATES.iter().enumerate() {
             let runs = &results[path_index][rate_index];
             let local = &results[0][rate_index];
@@ -536,13 +555,14 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     .collect::<Vec<_>>()
             };
             println!(
-                "| {name} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {rate} | {} | {} | {} ({} at source) | {} | {} | {} | {} | {} | {} |",
                 runs.iter()
                     .map(|run| run.lost.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
                 runs.iter().map(|run| run.duplicates).sum::<usize>(),
                 runs.iter().map(|run| run.reordered).sum::<usize>(),
+                runs.iter().map(|run| run.source_reordered).sum::<usize>(),
                 spread(runs.iter().map(|run| run.p50_us).collect(), 0),
                 spread(runs.iter().map(|run| run.p99_us).collect(), 0),
                 spread(ratio(|run| run.p99_us), 1),
@@ -581,15 +601,15 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     );
 
     let mut clean = true;
-    for (path_index, (name, _, _)) in paths.iter().enumerate().skip(1) {
-        let (dup, reord): (usize, usize) = results[path_index]
-            .iter()
-            .flatten()
-            .fold((0, 0), |(d, r), run| {
-                (d + run.duplicates, r + run.reordered)
-            });
+    for (path_index, (name, _, _, _)) in paths.iter().enumerate().skip(1) {
+        let runs = results[path_index].iter().flatten();
+        let dup: usize = runs.clone().map(|run| run.duplicates).sum();
+        let reord: usize = runs.clone().map(|run| run.reordered).sum();
+        let at_source: usize = runs.map(|run| run.source_reordered).sum();
         if dup + reord > 0 {
-            println!("FAIL: {name}: {dup} duplicated, {reord} reordered");
+            println!(
+                "FAIL: {name}: {dup} duplicated, {reord} reordered ({at_source} already out of order on the sending bus)"
+            );
             clean = false;
         }
     }
@@ -628,9 +648,9 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
 fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     println!();
     println!(
-        "| nodes | policy | rep | offered fps | achieved fps | delivered | lost | dup | reord | p50 µs | p99 µs | process CPU µs per delivered frame | endpoints CPU µs per delivered frame | sender datagrams/s | VM load |"
+        "| nodes | policy | rep | offered fps | achieved fps | delivered | lost | dup | reord | reord at source | p50 µs | p99 µs | process CPU µs per delivered frame | endpoints CPU µs per delivered frame | sender datagrams/s | VM load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut clean = true;
     let mut summary = Vec::new();
     let base = Instant::now();
@@ -653,6 +673,7 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                 endpoints.push(endpoint);
             }
             let tx = open_in(&lan.nodes[0].netns, "bus0")?;
+            let source = open_in(&lan.nodes[0].netns, "bus0")?;
             let rx = lan.nodes[1..]
                 .iter()
                 .map(|node| open_in(&node.netns, "bus0"))
@@ -666,7 +687,15 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     .values()
                     .map(|peer| peer.datagrams_out)
                     .sum();
-                let outcome = measure(&tx, &rx, args.rate, args.seconds, base, &mut next_id)?;
+                let outcome = measure(
+                    &tx,
+                    &source,
+                    &rx,
+                    args.rate,
+                    args.seconds,
+                    base,
+                    &mut next_id,
+                )?;
                 let datagrams_after: u64 = endpoints[0]
                     .counters()
                     .peers
@@ -675,12 +704,13 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     .sum();
                 let delivered = outcome.sent * rx.len() - outcome.lost;
                 println!(
-                    "| {count} | {policy_name} | {rep} | {} | {:.0} | {delivered} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
+                    "| {count} | {policy_name} | {rep} | {} | {:.0} | {delivered} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
                     args.rate,
                     outcome.achieved,
                     outcome.lost,
                     outcome.duplicates,
                     outcome.reordered,
+                    outcome.source_reordered,
                     outcome.p50_us,
                     outcome.p99_us,
                     outcome.cpu_us_per_frame,
