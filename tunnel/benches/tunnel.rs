@@ -268,6 +268,35 @@ struct Outcome {
     endpoint_us_per_frame: f64,
 }
 
+/// Datagrams an endpoint has sent, to all peers together.
+fn datagrams_out(endpoint: &Endpoint) -> u64 {
+    let counters = endpoint.counters();
+    counters.peers.values().map(|peer| peer.datagrams_out).sum()
+}
+
+/// The columns every table shares.
+const COLUMNS: &str = "achieved fps | sent | lost | dup | reord | reord at source | p50 µs | p99 µs | max µs | process CPU µs/frame | endpoints CPU µs/frame";
+
+impl Outcome {
+    /// This run's cells of [`COLUMNS`].
+    fn cells(&self) -> String {
+        format!(
+            "{:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1}",
+            self.achieved,
+            self.sent,
+            self.lost,
+            self.duplicates,
+            self.reordered,
+            self.source_reordered,
+            self.p50_us,
+            self.p99_us,
+            self.max_us,
+            self.cpu_us_per_frame,
+            self.endpoint_us_per_frame,
+        )
+    }
+}
+
 /// Sends `rate` frames/s for `seconds` on `tx`, with ids from `*next_id`, and receives on every
 /// socket of `rx`. `source` is a second socket on the sending bus: what it sees out of order
 /// was reordered before it left the sending bus.
@@ -498,9 +527,7 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     // results[path][rate] = outcomes over repetitions
     let mut results = vec![vec![Vec::new(); RATES.len()]; paths.len()];
     println!();
-    println!(
-        "| rep | path | offered fps | achieved fps | sent | lost | dup | reord | reord at source | p50 µs | p99 µs | max µs | process CPU µs/frame | endpoints CPU µs/frame | UDP rcvbuf drops | VM load |"
-    );
+    println!("| rep | path | offered fps | {COLUMNS} | UDP rcvbuf drops | VM load |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for rep in 1..=args.repetitions {
         for (rate_index, rate) in RATES.iter().enumerate() {
@@ -509,19 +536,9 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                 let outcome = measure(tx, source, &[rx], *rate, args.seconds, base, &mut next_id)?;
                 let drops = udp_receive_buffer_errors(&b.netns)? - drops_before;
                 println!(
-                    "| {rep} | {name} | {rate} | {:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {drops} | {} |",
-                    outcome.achieved,
-                    outcome.sent,
-                    outcome.lost,
-                    outcome.duplicates,
-                    outcome.reordered,
-                    outcome.source_reordered,
-                    outcome.p50_us,
-                    outcome.p99_us,
-                    outcome.max_us,
-                    outcome.cpu_us_per_frame,
-                    outcome.endpoint_us_per_frame,
-                    loadavg(),
+                    "| {rep} | {name} | {rate} | {} | {drops} | {} |",
+                    outcome.cells(),
+                    loadavg()
                 );
                 if outcome.strays > 0 {
                     println!(
@@ -615,7 +632,7 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     }
     for (bus, endpoint) in &endpoints {
         let counters = endpoint.counters();
-        let out: u64 = counters.peers.values().map(|peer| peer.datagrams_out).sum();
+        let out = datagrams_out(endpoint);
         let drops: Vec<String> = counters
             .drops
             .iter()
@@ -648,9 +665,9 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
 fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     println!();
     println!(
-        "| nodes | policy | rep | offered fps | achieved fps | delivered | lost | dup | reord | reord at source | p50 µs | p99 µs | process CPU µs per delivered frame | endpoints CPU µs per delivered frame | sender datagrams/s | VM load |"
+        "| nodes | policy | rep | offered fps | {COLUMNS} | delivered | sender datagrams/s | VM load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut clean = true;
     let mut summary = Vec::new();
     let base = Instant::now();
@@ -681,12 +698,7 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
             let rx: Vec<&CanSocket> = rx.iter().collect();
             let (mut cpu, mut endpoint) = (Vec::new(), Vec::new());
             for rep in 1..=args.repetitions {
-                let datagrams_before: u64 = endpoints[0]
-                    .counters()
-                    .peers
-                    .values()
-                    .map(|peer| peer.datagrams_out)
-                    .sum();
+                let datagrams_before = datagrams_out(&endpoints[0]);
                 let outcome = measure(
                     &tx,
                     &source,
@@ -696,25 +708,12 @@ fn mesh(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
                     base,
                     &mut next_id,
                 )?;
-                let datagrams_after: u64 = endpoints[0]
-                    .counters()
-                    .peers
-                    .values()
-                    .map(|peer| peer.datagrams_out)
-                    .sum();
+                let datagrams_after = datagrams_out(&endpoints[0]);
                 let delivered = outcome.sent * rx.len() - outcome.lost;
                 println!(
-                    "| {count} | {policy_name} | {rep} | {} | {:.0} | {delivered} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
+                    "| {count} | {policy_name} | {rep} | {} | {} | {delivered} | {:.0} | {} |",
                     args.rate,
-                    outcome.achieved,
-                    outcome.lost,
-                    outcome.duplicates,
-                    outcome.reordered,
-                    outcome.source_reordered,
-                    outcome.p50_us,
-                    outcome.p99_us,
-                    outcome.cpu_us_per_frame,
-                    outcome.endpoint_us_per_frame,
+                    outcome.cells(),
                     (datagrams_after - datagrams_before) as f64 / args.seconds,
                     loadavg(),
                 );
