@@ -114,6 +114,20 @@ fn udp_receive_buffer_errors(netns: &Netns) -> Result<u64> {
         .and_then(|(_, value)| Ok(value.parse()?))
 }
 
+/// Packets the kernel dropped because a CPU's input backlog (`net.core.netdev_max_backlog`)
+/// was full, all CPUs together. vcan, vxcan and veth all deliver through it.
+fn backlog_drops() -> Result<u64> {
+    let mut total = 0;
+    for line in std::fs::read_to_string("/proc/net/softnet_stat")?.lines() {
+        let dropped = line
+            .split_whitespace()
+            .nth(1)
+            .ok_or("short softnet_stat line")?;
+        total += u64::from_str_radix(dropped, 16)?;
+    }
+    Ok(total)
+}
+
 /// The VM's own load average (the host's is noted outside, with `uptime`).
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -454,13 +468,19 @@ fn args() -> Result<Args> {
 
 fn main() -> Result<()> {
     let args = args()?;
+    // `CAN_DRA_BENCH_WORKERS=1` runs every endpoint on one thread (2 by default, as the VM's
+    // CPUs): a task that moves between threads can have its frames overtaken in the kernel.
+    let workers = match std::env::var("CAN_DRA_BENCH_WORKERS") {
+        Ok(value) => value.parse()?,
+        Err(_) => 2,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .thread_name(WORKER)
         .enable_all()
         .build()?;
     println!(
-        "tunnel benchmark, mode {}, {} s per run, {} repetitions; VM load average at start: {}",
+        "tunnel benchmark, mode {}, {} s per run, {} repetitions, {workers} runtime threads; VM load average at start: {}",
         args.mode,
         args.seconds,
         args.repetitions,
@@ -527,16 +547,20 @@ fn rates(runtime: &tokio::runtime::Runtime, args: &Args) -> Result<bool> {
     // results[path][rate] = outcomes over repetitions
     let mut results = vec![vec![Vec::new(); RATES.len()]; paths.len()];
     println!();
-    println!("| rep | path | offered fps | {COLUMNS} | UDP rcvbuf drops | VM load |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| rep | path | offered fps | {COLUMNS} | UDP rcvbuf drops | backlog drops | VM load |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for rep in 1..=args.repetitions {
         for (rate_index, rate) in RATES.iter().enumerate() {
             for (path_index, (name, tx, source, rx)) in paths.iter().enumerate() {
                 let drops_before = udp_receive_buffer_errors(&b.netns)?;
+                let backlog_before = backlog_drops()?;
                 let outcome = measure(tx, source, &[rx], *rate, args.seconds, base, &mut next_id)?;
                 let drops = udp_receive_buffer_errors(&b.netns)? - drops_before;
+                let backlog = backlog_drops()? - backlog_before;
                 println!(
-                    "| {rep} | {name} | {rate} | {} | {drops} | {} |",
+                    "| {rep} | {name} | {rate} | {} | {drops} | {backlog} | {} |",
                     outcome.cells(),
                     loadavg()
                 );
