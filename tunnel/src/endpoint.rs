@@ -1193,6 +1193,17 @@ mod tests {
                 .to_string()
                 .contains("`to_can_queue`")
         );
+        config.to_can_queue = 1;
+        config.batching = Batching::Fixed {
+            window: Duration::from_secs(2),
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`batching`")
+        );
     }
 
     #[tokio::test]
