@@ -2,8 +2,9 @@
 //! at run time.
 //!
 //! Two tasks move frames:
-//! - **CAN → peers**: read every frame the socket has, then flush the batch (optionally after a
-//!   short window) as MTU-bounded datagrams to every current peer.
+//! - **CAN → peers**: read every frame the socket has and group them into MTU-bounded datagrams
+//!   to every current peer, when [`crate::batching`] says (by default: at once on an idle link,
+//!   one datagram per 1 ms window or per full datagram under load).
 //! - **peers → CAN**: accept datagrams only from current peers, decode them (all or nothing),
 //!   queue the frames in a bounded queue and write them to the CAN socket.
 //!
@@ -31,7 +32,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::batching::{Batcher, Batching, Next};
 use crate::codec::{self, CANFD_BRS, CANFD_ESI, Encoder, EncoderError, Frame, RejectReason};
+use crate::socket_buffers::{self, Buffer, SocketBuffers};
 
 mod relay;
 
@@ -50,18 +53,20 @@ pub struct EndpointConfig {
     pub interface: String,
     /// Largest UDP payload sent (1472 fits a 1500-byte IPv4 MTU without fragmentation).
     pub datagram_limit: usize,
-    /// How long a batch may wait for more frames after its first one. Zero (the default)
-    /// flushes as soon as the CAN socket has nothing more to read, which adds no latency.
-    pub batch_window: Duration,
+    /// When frames read from CAN leave as a datagram ([`Batching::Adaptive`] with a 1 ms window
+    /// by default).
+    pub batching: Batching,
     /// Most frames read from CAN before a flush, whatever the window says.
     pub max_batch_frames: usize,
     /// Most frames from peers waiting for the CAN socket; more are dropped and counted.
     pub to_can_queue: usize,
-    /// Receive buffer asked for on the UDP socket. With CAP_NET_ADMIN it is forced past
+    /// Receive buffer asked for on the UDP socket (4 MiB). With CAP_NET_ADMIN it is forced past
     /// `net.core.rmem_max`; without, the kernel caps it there.
     pub udp_receive_buffer: usize,
+    /// Send buffer asked for on the UDP socket (1 MiB), the same way (`net.core.wmem_max`).
+    pub udp_send_buffer: usize,
     /// Receive buffer asked for on the CAN socket, the same way: it absorbs bursts on the bus
-    /// while a batch is being sent.
+    /// while a batch is being sent (4 MiB).
     pub can_receive_buffer: usize,
 }
 
@@ -78,11 +83,12 @@ impl EndpointConfig {
             listen,
             interface: interface.into(),
             datagram_limit: 1472,
-            batch_window: Duration::ZERO,
+            batching: Batching::default(),
             max_batch_frames: 512,
             to_can_queue: 4096,
-            udp_receive_buffer: 1 << 20,
-            can_receive_buffer: 1 << 20,
+            udp_receive_buffer: 4 << 20,
+            udp_send_buffer: 1 << 20,
+            can_receive_buffer: 4 << 20,
         }
     }
 
@@ -105,10 +111,13 @@ impl EndpointConfig {
         if self.to_can_queue == 0 {
             return Err(invalid("to_can_queue", "must be at least 1".into()));
         }
-        if self.batch_window > Duration::from_secs(1) {
+        if self.batching.window() > Duration::from_secs(1) {
             return Err(invalid(
-                "batch_window",
-                format!("{:?} is above the 1 s limit", self.batch_window),
+                "batching",
+                format!(
+                    "a window of {:?} is above the 1 s limit",
+                    self.batching.window()
+                ),
             ));
         }
         Ok(())
@@ -524,6 +533,7 @@ impl Shared {
 pub struct Endpoint {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    buffers: SocketBuffers,
     stop: watch::Sender<bool>,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
@@ -541,13 +551,22 @@ impl Endpoint {
         // The socket belongs to the namespace of the thread that creates it; entering the
         // runtime there lets the socket register with this runtime's reactor.
         let runtime = tokio::runtime::Handle::current();
-        let can = in_namespace(namespaces.can, || {
+        let (can, can_receive) = in_namespace(namespaces.can, || {
             let _runtime = runtime.enter();
             open_can(&config.interface, config.can_receive_buffer)
         })??;
-        let udp = in_namespace(namespaces.udp, || {
-            bind_udp(config.listen, config.udp_receive_buffer)
+        let (udp, udp_receive, udp_send) = in_namespace(namespaces.udp, || {
+            bind_udp(
+                config.listen,
+                config.udp_receive_buffer,
+                config.udp_send_buffer,
+            )
         })??;
+        let buffers = SocketBuffers {
+            udp_receive,
+            udp_send,
+            can_receive,
+        };
         let udp = UdpSocket::from_std(udp).map_err(|source| EndpointError::Register {
             socket: "UDP",
             source,
@@ -565,9 +584,8 @@ impl Endpoint {
         let outbound = CanToPeers {
             shared: Arc::clone(&shared),
             can: Arc::clone(&can),
+            batcher: Batcher::new(config.batching, encoder.limit(), config.max_batch_frames),
             sender: Sender::new(Arc::clone(&udp), encoder.clone(), ipv6_socket),
-            window: config.batch_window,
-            max_batch: config.max_batch_frames,
         };
         let inbound = PeersToCan {
             shared: Arc::clone(&shared),
@@ -580,10 +598,17 @@ impl Endpoint {
             ("CAN to peers", tokio::spawn(outbound.run(stopped.clone()))),
             ("peers to CAN", tokio::spawn(inbound.run(stopped))),
         ];
-        tracing::info!(interface = %config.interface, %local_addr, "tunnel endpoint started");
+        tracing::info!(
+            interface = %config.interface,
+            %local_addr,
+            batching = %config.batching,
+            ?buffers,
+            "tunnel endpoint started"
+        );
         Ok(Self {
             shared,
             local_addr,
+            buffers,
             stop,
             tasks,
         })
@@ -592,6 +617,11 @@ impl Endpoint {
     /// The address the UDP socket is bound to (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The socket buffers the kernel granted (as it reports them: twice the usable size).
+    pub fn socket_buffers(&self) -> SocketBuffers {
+        self.buffers
     }
 
     /// Replaces the peer set with node peers (other can-dra endpoints of the bus). Frames go to
@@ -656,7 +686,8 @@ fn in_namespace<T: Send>(
     }
 }
 
-fn open_can(interface: &str, receive_buffer: usize) -> Result<CanFdSocket, EndpointError> {
+/// The CAN socket and the receive buffer the kernel granted it.
+fn open_can(interface: &str, receive_buffer: usize) -> Result<(CanFdSocket, usize), EndpointError> {
     let failed = |source: io::Error| match source.raw_os_error() {
         Some(libc::ENODEV) => EndpointError::InterfaceNotFound {
             interface: interface.to_string(),
@@ -673,35 +704,29 @@ fn open_can(interface: &str, receive_buffer: usize) -> Result<CanFdSocket, Endpo
     let socket = CanFdSocket::open(interface).map_err(failed)?;
     // Off is the kernel default; set it anyway because loop freedom depends on it.
     socket.set_recv_own_msgs(false).map_err(failed)?;
-    let size = libc::c_int::try_from(receive_buffer).unwrap_or(libc::c_int::MAX);
-    let forced = socket.set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size);
-    if forced.is_err()
-        && let Err(error) = socket.set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUF, size)
-    {
-        // Not fatal: the default buffer works, bursts just overflow sooner.
-        tracing::warn!(%error, receive_buffer, "cannot enlarge the CAN receive buffer");
-    }
-    Ok(socket)
+    let granted =
+        socket_buffers::request(&socket, Buffer::Receive, receive_buffer, "CAN").map_err(failed)?;
+    Ok((socket, granted))
 }
 
+/// The UDP socket and the receive and send buffers the kernel granted it.
 fn bind_udp(
     listen: SocketAddr,
     receive_buffer: usize,
-) -> Result<std::net::UdpSocket, EndpointError> {
+    send_buffer: usize,
+) -> Result<(std::net::UdpSocket, usize, usize), EndpointError> {
     let failed = |source| EndpointError::BindUdp {
         addr: listen,
         source,
     };
     let socket = std::net::UdpSocket::bind(listen).map_err(failed)?;
     socket.set_nonblocking(true).map_err(failed)?;
-    use nix::sys::socket::{setsockopt, sockopt};
-    if setsockopt(&socket, sockopt::RcvBufForce, &receive_buffer).is_err()
-        && let Err(error) = setsockopt(&socket, sockopt::RcvBuf, &receive_buffer)
-    {
-        // Not fatal: the default buffer works, bursts just overflow sooner.
-        tracing::warn!(%error, receive_buffer, "cannot enlarge the UDP receive buffer");
-    }
-    Ok(socket)
+    let options = socket_buffers::Options(&socket);
+    let receive = socket_buffers::request(&options, Buffer::Receive, receive_buffer, "UDP")
+        .map_err(failed)?;
+    let send =
+        socket_buffers::request(&options, Buffer::Send, send_buffer, "UDP").map_err(failed)?;
+    Ok((socket, receive, send))
 }
 
 /// The codec frame for a frame read from the socket, `None` for error frames (not subscribed,
@@ -753,40 +778,43 @@ struct CanToPeers {
     shared: Arc<Shared>,
     can: Arc<CanFdSocket>,
     sender: Sender,
-    window: Duration,
-    max_batch: usize,
+    batcher: Batcher,
 }
 
-/// The result of draining the CAN socket.
-enum Drain {
-    /// Nothing more to read right now.
-    Empty,
-    /// The batch is full.
-    Full,
-    /// The socket failed.
-    Failed(io::Error),
+/// Where the pending frames and the datagram being encoded live between reads.
+struct Outgoing {
+    batch: Vec<Frame>,
+    datagram: Vec<u8>,
 }
 
 impl CanToPeers {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) {
-        let mut batch: Vec<Frame> = Vec::with_capacity(self.max_batch);
-        let mut datagram = Vec::with_capacity(self.sender.limit());
+        let mut out = Outgoing {
+            batch: Vec::new(),
+            datagram: Vec::with_capacity(self.sender.limit()),
+        };
+        let mut hold: Option<Instant> = None;
         loop {
-            let first = tokio::select! {
+            let read = tokio::select! {
                 _ = stopped.changed() => return,
-                read = self.can.read_frame() => read,
+                () = tokio::time::sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => None,
+                read = self.can.read_frame() => Some(read),
             };
-            let mut outcome = match first {
-                Ok(frame) => {
-                    self.take(&frame, &mut batch);
-                    self.drain(&mut batch)
+            let failed = match read {
+                // The hold ended: the window closed.
+                None => {
+                    self.send(&mut out).await;
+                    None
                 }
-                Err(error) => Drain::Failed(error),
+                Some(Ok(frame)) => {
+                    self.take(&frame, &mut out).await;
+                    self.drain(&mut out).await.err()
+                }
+                Some(Err(error)) => Some(error),
             };
-            if matches!(outcome, Drain::Empty) && !batch.is_empty() && !self.window.is_zero() {
-                outcome = self.fill_window(&mut batch, &mut stopped).await;
-            }
-            if let Drain::Failed(error) = outcome {
+            hold = None;
+            if let Some(error) = failed {
+                self.send(&mut out).await;
                 bump(&self.shared.can_read_errors, 1);
                 tracing::warn!(%error, "reading the CAN socket failed; retrying shortly");
                 // A vanished or downed interface fails every read: don't spin.
@@ -794,60 +822,53 @@ impl CanToPeers {
                     _ = stopped.changed() => return,
                     () = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
+                continue;
             }
-            if !batch.is_empty() {
-                self.flush(&batch, &mut datagram).await;
-                batch.clear();
+            match self.batcher.idle(std::time::Instant::now()) {
+                Next::Send => self.send(&mut out).await,
+                Next::HoldUntil(deadline) => hold = Some(Instant::from_std(deadline)),
+                Next::Read => {}
             }
         }
     }
 
-    fn take(&self, frame: &CanAnyFrame, batch: &mut Vec<Frame>) {
+    /// Adds a frame read from CAN to the batch, sending first or after as the batcher says.
+    async fn take(&mut self, frame: &CanAnyFrame, out: &mut Outgoing) {
         bump(&self.shared.frames_from_can, 1);
-        if let Some(frame) = from_socket(frame) {
-            batch.push(frame);
+        let Some(frame) = from_socket(frame) else {
+            return;
+        };
+        let len = frame.encoded_len();
+        if self.batcher.sends_before(len) {
+            self.send(out).await;
+        }
+        out.batch.push(frame);
+        if self.batcher.push(std::time::Instant::now(), len) == Next::Send {
+            self.send(out).await;
         }
     }
 
-    /// Reads without waiting until the socket is empty or the batch full.
-    fn drain(&self, batch: &mut Vec<Frame>) -> Drain {
+    /// Reads without waiting until the socket is empty.
+    async fn drain(&mut self, out: &mut Outgoing) -> io::Result<()> {
         loop {
-            if batch.len() >= self.max_batch {
-                return Drain::Full;
-            }
             match self.can.try_read_frame() {
-                Ok(frame) => self.take(&frame, batch),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Drain::Empty,
+                Ok(frame) => self.take(&frame, out).await,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Drain::Failed(error),
+                Err(error) => return Err(error),
             }
         }
     }
 
-    /// Keeps reading until the window since the batch's first frame closes.
-    async fn fill_window(
-        &self,
-        batch: &mut Vec<Frame>,
-        stopped: &mut watch::Receiver<bool>,
-    ) -> Drain {
-        let deadline = Instant::now() + self.window;
-        loop {
-            let read = tokio::select! {
-                _ = stopped.changed() => return Drain::Empty,
-                () = tokio::time::sleep_until(deadline) => return Drain::Empty,
-                read = self.can.read_frame() => read,
-            };
-            match read {
-                Ok(frame) => {
-                    self.take(&frame, batch);
-                    match self.drain(batch) {
-                        Drain::Empty => {}
-                        other => return other,
-                    }
-                }
-                Err(error) => return Drain::Failed(error),
-            }
+    /// Sends the pending frames (if any) and tells the batcher.
+    async fn send(&mut self, out: &mut Outgoing) {
+        if out.batch.is_empty() {
+            return;
         }
+        let Outgoing { batch, datagram } = out;
+        self.flush(batch, datagram).await;
+        batch.clear();
+        self.batcher.sent(std::time::Instant::now());
     }
 
     async fn flush(&mut self, batch: &[Frame], datagram: &mut Vec<u8>) {
@@ -1189,6 +1210,17 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("`to_can_queue`")
+        );
+        config.to_can_queue = 1;
+        config.batching = Batching::Fixed {
+            window: Duration::from_secs(2),
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`batching`")
         );
     }
 

@@ -216,6 +216,39 @@ fn two_nodes_carry_classic_and_fd_frames_exactly_once_each_way() {
 
 #[test]
 #[ignore = "kernel test: needs CAN modules and CAP_NET_ADMIN; run by `cargo xtask test`"]
+fn the_endpoint_is_granted_the_socket_buffers_it_asks_for() {
+    let lan = lan("tunbuf", 1);
+    let node = &lan.nodes[0];
+    let runtime = runtime();
+    // As root, SO_RCVBUFFORCE/SO_SNDBUFFORCE pass net.core.rmem_max/wmem_max; the kernel
+    // reports twice the size it set.
+    let endpoint = node.start(&runtime, &[]);
+    let granted = endpoint.socket_buffers();
+    assert_eq!(
+        (granted.udp_receive, granted.udp_send, granted.can_receive),
+        (8 << 20, 2 << 20, 8 << 20)
+    );
+    runtime.block_on(endpoint.shutdown()).unwrap();
+    // What is read back follows the request.
+    let mut config = EndpointConfig::new(node.addr(), BUS);
+    (
+        config.udp_receive_buffer,
+        config.udp_send_buffer,
+        config.can_receive_buffer,
+    ) = (300_000, 200_000, 100_000);
+    let endpoint = runtime
+        .block_on(Endpoint::start(config, Namespaces::both(&node.netns)))
+        .unwrap();
+    let granted = endpoint.socket_buffers();
+    assert_eq!(
+        (granted.udp_receive, granted.udp_send, granted.can_receive),
+        (600_000, 400_000, 200_000)
+    );
+    runtime.block_on(endpoint.shutdown()).unwrap();
+}
+
+#[test]
+#[ignore = "kernel test: needs CAN modules and CAP_NET_ADMIN; run by `cargo xtask test`"]
 fn three_nodes_form_a_mesh_without_relaying() {
     let lan = lan("tun3", 3);
     let [a, b, c] = [&lan.nodes[0], &lan.nodes[1], &lan.nodes[2]];
