@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: the versioned, atomically written record of prepared claims.
 //! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
 //! - [`node`]: the node driver joining claims, checkpoint, CDI, status and the data plane.
+//! - [`plane`]: the one handle on the node's buses, shared by the node driver and the tunnels.
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
 //! - [`canbuses`]: cluster-wide buses (CanBus resources) as the node reads them.
 //! - [`tunnels`]: one tunnel endpoint per cluster-wide bus, joined to the node's bus mesh.
@@ -34,6 +35,7 @@ pub mod hook;
 pub mod inventory;
 pub mod logging;
 pub mod node;
+pub mod plane;
 pub mod registration;
 pub mod server;
 pub mod slices;

@@ -299,7 +299,8 @@ async fn attaching_an_unprepared_claim_is_refused() {
             Requester::default(),
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(refused.contains("not prepared"), "{refused}");
     assert!(refused.contains("uid-unknown"), "{refused}");
 }
