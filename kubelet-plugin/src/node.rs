@@ -252,3 +252,6 @@ impl<K: Kernel + Send + 'static, N: NamespaceOpener> Attacher for NodeDriver<K, 
         self.attach_member(request, requester).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,11 +8,12 @@
 //!
 //! The work runs on a blocking thread: netlink calls are synchronous.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use can_dra_dataplane::bus::kernel::{Kernel, KernelError, PairRequest};
 use can_dra_dataplane::bus::model::{BusSpec, CAN_MTU, CANFD_MTU, DesiredState, NetnsRef};
-use can_dra_dataplane::bus::naming::is_tunnel_link;
+use can_dra_dataplane::bus::naming::{host_name, is_owned, is_tunnel_link};
 use can_dra_dataplane::bus::system::SystemKernel;
 use can_dra_dataplane::bus::{BusError, Buses, ReconcileReport};
 
@@ -120,8 +121,18 @@ impl<K: Kernel + Send + 'static> DataPlane<K> {
 
     /// Reconciles the kernel with `desired`; members the reconcile had to skip are removed from
     /// the buses again, so a later hook call joins them afresh.
-    pub async fn reconcile(&self, desired: DesiredState) -> Result<ReconcileReport, PlaneError> {
+    ///
+    /// The buses named in `adopt` are cross-node meshes, whose external interfaces (tunnel pair
+    /// and physical controller) only the tunnel loop knows, later: each keeps those its
+    /// members are meshed with in the kernel now ([`adopt_externals`]), so that the reconcile
+    /// does not cut the members off the other nodes until the next tunnel pass.
+    pub async fn reconcile(
+        &self,
+        mut desired: DesiredState,
+        adopt: BTreeSet<String>,
+    ) -> Result<ReconcileReport, PlaneError> {
         self.run(move |buses| {
+            adopt_externals(buses.kernel_mut(), &mut desired, &adopt)?;
             let report = buses.reconcile(desired)?;
             for skipped in &report.skipped {
                 if let Err(error) = buses.leave(&skipped.bus, &skipped.member) {
@@ -162,11 +173,25 @@ impl<K: Kernel + Send + 'static> DataPlane<K> {
         .await
     }
 
-    /// Deletes the host link `name` (its pair goes with it), if there is one.
+    /// Deletes the leftover tunnel link `name` (its pair goes with it), if there is one. A
+    /// mesh that still has it as its tunnel (adopted at start-up, see
+    /// [`reconcile`](Self::reconcile)) loses its external interfaces first.
     pub async fn delete_host_link(&self, name: &str) -> Result<(), PlaneError> {
         let name = name.to_owned();
-        self.run(move |buses| delete_named(buses.kernel_mut(), &name))
-            .await
+        self.run(move |buses| {
+            let meshes: Vec<String> = buses
+                .state()
+                .buses
+                .iter()
+                .filter(|bus| bus.tunnel.as_deref() == Some(name.as_str()))
+                .map(|bus| bus.name.clone())
+                .collect();
+            for mesh in meshes {
+                buses.set_externals(&mesh, None, None)?;
+            }
+            delete_named(buses.kernel_mut(), &name)
+        })
+        .await
     }
 
     /// Makes sure the tunnel pair `mesh.tunnel` / `tunnel_link` exists, up and with the mesh's
@@ -228,6 +253,60 @@ impl<K: Kernel + Send + 'static> DataPlane<K> {
         })
         .await
     }
+}
+
+/// Gives every bus of `desired` named in `adopt` that has members but no external interfaces
+/// those its members' host ends have can-gw rules with in the kernel: a tunnel pair end
+/// ([`is_tunnel_link`]) as its tunnel, any other link that is not a member's as its physical
+/// controller.
+pub fn adopt_externals<K: Kernel>(
+    kernel: &mut K,
+    desired: &mut DesiredState,
+    adopt: &BTreeSet<String>,
+) -> Result<(), KernelError> {
+    let mut wanted: Vec<&mut BusSpec> = desired
+        .buses
+        .iter_mut()
+        .filter(|bus| {
+            adopt.contains(&bus.name)
+                && !bus.members.is_empty()
+                && bus.physical.is_none()
+                && bus.tunnel.is_none()
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let links = kernel.host_links()?;
+    let rules = kernel.rules()?;
+    let ifindex = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.ifindex);
+    for bus in &mut wanted {
+        let hosts: BTreeSet<u32> = bus
+            .members
+            .iter()
+            .filter_map(|member| ifindex(&host_name(&member.id)))
+            .collect();
+        for rule in &rules {
+            let other = match (hosts.contains(&rule.src), hosts.contains(&rule.dst)) {
+                (true, false) => rule.dst,
+                (false, true) => rule.src,
+                _ => continue,
+            };
+            let Some(link) = links.iter().find(|l| l.ifindex == other) else {
+                continue;
+            };
+            if is_owned(&link.name) {
+                continue;
+            }
+            let slot = if is_tunnel_link(&link.name) {
+                &mut bus.tunnel
+            } else {
+                &mut bus.physical
+            };
+            slot.get_or_insert_with(|| link.name.clone());
+        }
+    }
+    Ok(())
 }
 
 fn delete_named<K: Kernel>(kernel: &mut K, name: &str) -> Result<(), PlaneError> {

@@ -88,7 +88,7 @@ impl<K: Kernel + Send + 'static, N: NamespaceOpener> NodeDriver<K, N> {
         let desired = self.desired_state(&state);
         let attached = desired.buses.iter().any(|b| !b.members.is_empty());
         if attached || host == HostCan::Present {
-            let reconciled = match self.plane.reconcile(desired).await {
+            let reconciled = match self.plane.reconcile(desired, state.shared_pools()).await {
                 Ok(reconciled) => reconciled,
                 Err(error) => {
                     // Keep what was learnt about dead namespaces even though the kernel failed.
