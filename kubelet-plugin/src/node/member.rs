@@ -36,6 +36,19 @@ pub struct MemberParams {
 }
 
 impl MemberParams {
+    /// A classic member `interface` that may send and receives every frame, unshaped.
+    pub fn new(interface: impl Into<String>) -> Self {
+        Self {
+            interface: interface.into(),
+            fd: false,
+            access: Access::ReadWrite,
+            transmit_allow: Vec::new(),
+            receive_filters: Vec::new(),
+            rx_shaping: None,
+            tx_shaping: None,
+        }
+    }
+
     /// The parameters of a resolved member on a bus that is (or is not) FD.
     pub fn from_resolved(member: &ResolvedMember, bus_fd: bool) -> Self {
         let filters = |list: &[can_dra_api::CanFilter]| -> Vec<CanFilter> {

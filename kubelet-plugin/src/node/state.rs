@@ -197,8 +197,6 @@ impl NodeState {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use can_dra_dataplane::bus::model::Access;
-
     use super::*;
     use crate::node::namespace::SystemNamespaces;
 
@@ -216,15 +214,7 @@ mod tests {
                     share_id: None,
                     bus: "body".into(),
                     shared_fd: None,
-                    member: MemberParams {
-                        interface: format!("can{k}"),
-                        fd: false,
-                        access: Access::ReadWrite,
-                        transmit_allow: Vec::new(),
-                        receive_filters: Vec::new(),
-                        rx_shaping: None,
-                        tx_shaping: None,
-                    },
+                    member: MemberParams::new(format!("can{k}")),
                     cdi_device_id: format!("k8s.can.dra.dev/can=uid-{k}"),
                     attachment: Some(*attachment),
                 })

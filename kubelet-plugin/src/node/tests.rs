@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use can_dra_dataplane::bus::fake::FakeKernel;
 use can_dra_dataplane::bus::kernel::{KernelError, KernelErrorKind, LinkKind};
-use can_dra_dataplane::bus::model::{Access, BusSpec, NetnsRef};
+use can_dra_dataplane::bus::model::{BusSpec, NetnsRef};
 use can_dra_dataplane::netns::NetnsId;
 
 use super::*;
@@ -44,15 +44,7 @@ fn rig(shared: bool, attached: Option<Attachment>) -> Rig {
                 device: device.into(),
                 share_id: None,
                 bus: bus.into(),
-                member: MemberParams {
-                    interface: "can0".into(),
-                    fd: false,
-                    access: Access::ReadWrite,
-                    transmit_allow: Vec::new(),
-                    receive_filters: Vec::new(),
-                    rx_shaping: None,
-                    tx_shaping: None,
-                },
+                member: MemberParams::new("can0"),
                 shared_fd,
                 cdi_device_id: "k8s.can.dra.dev/can=uid-1-can".into(),
                 attachment: attached,

@@ -7,7 +7,6 @@
 use std::path::Path;
 
 use can_dra_api::Bitrate;
-use can_dra_dataplane::bus::model::Access;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
 use can_dra_kubelet_plugin::claims::ClaimReader;
@@ -71,15 +70,7 @@ pub fn prepared_claim(
             share_id: None,
             bus: bus.into(),
             shared_fd: None,
-            member: MemberParams {
-                interface: interface.into(),
-                fd: false,
-                access: Access::ReadWrite,
-                transmit_allow: Vec::new(),
-                receive_filters: Vec::new(),
-                rx_shaping: None,
-                tx_shaping: None,
-            },
+            member: MemberParams::new(interface),
             cdi_device_id: cdi_device_id.into(),
             attachment,
         }],
