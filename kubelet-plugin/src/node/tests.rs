@@ -347,4 +347,18 @@ async fn a_restart_keeps_the_tunnel_and_physical_rules_of_a_cross_node_bus() {
     })
     .await;
     assert_eq!(kept, rules);
+
+    // The tunnel loop no longer wants the bus here: its leftover pair goes, and with it every
+    // rule to the other nodes and to the controller; the member stays.
+    after.data_plane().delete_host_link("vxtm-x").await.unwrap();
+    let (left, mesh) = inspect(&after, |buses| {
+        let mesh = buses.state().bus(SHARED).cloned().unwrap();
+        (buses.kernel_mut().named_rules(), mesh)
+    })
+    .await;
+    assert!(left.iter().all(|r| !external(r)), "{left:?}");
+    assert_eq!(
+        (mesh.physical, mesh.tunnel, mesh.members.len()),
+        (None, None, 1)
+    );
 }
