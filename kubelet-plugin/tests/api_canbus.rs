@@ -125,3 +125,30 @@ async fn without_shared_buses_a_canbus_device_is_not_served() {
         .unwrap_err();
     assert!(error.contains("canbus/powertrain/m0"), "{error}");
 }
+
+#[tokio::test]
+async fn the_tunnels_are_told_which_pools_have_prepared_members() {
+    let rig = rig(true).await;
+    create_bus(&rig.client, "powertrain").await;
+    let mut pools = rig.driver.watch_shared_pools();
+    assert!(pools.borrow_and_update().is_empty());
+
+    let claim = shared_claim(&rig, "c1", "canbus/powertrain", "m0");
+    prepare(&rig, claim.clone()).await.unwrap();
+    assert!(
+        pools.has_changed().unwrap(),
+        "prepare did not tell the tunnels"
+    );
+    assert_eq!(
+        pools.borrow_and_update().iter().collect::<Vec<_>>(),
+        ["canbus/powertrain"]
+    );
+
+    let answers = rig.driver.unprepare(vec![claim.clone()]).await.unwrap();
+    assert_eq!(answers[&claim.uid], Ok(()));
+    assert!(
+        pools.has_changed().unwrap(),
+        "unprepare did not tell the tunnels"
+    );
+    assert!(pools.borrow_and_update().is_empty());
+}
