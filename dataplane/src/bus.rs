@@ -2,13 +2,16 @@
 //! classifiers and shaping into one node data plane.
 //!
 //! - [`model`]: the desired state (buses and members), plain serialisable data.
-//! - [`naming`]: host-end names (`cdra` + hash of the member id) and interface name rules.
+//! - [`naming`]: every driver link name (member host ends, tunnel pairs), which links are the
+//!   driver's, and interface name rules.
 //! - [`plan`]: the mesh of can-gw rules a bus needs; pure logic.
 //! - [`kernel`]: the narrow [`Kernel`](kernel::Kernel) trait the bus logic drives.
 //! - [`system`]: its implementation over the `link`, `gateway`, `shaping` and `access` modules.
 //! - [`manager`]: [`Buses`], which joins and removes members and buses at run time, undoing
 //!   partial work on failure, and reads per-member counters.
 //! - [`reconcile`]: brings the kernel in line with a desired state after a restart.
+//! - `fake` (feature `fake`, and in this crate's tests): an in-memory [`Kernel`](kernel::Kernel)
+//!   for unit tests, with a mutation counter and an injectable failure.
 //!
 //! See `docs/dataplane.md` for the topology and the reasons behind the rule set.
 
@@ -20,8 +23,8 @@ pub mod plan;
 pub mod reconcile;
 pub mod system;
 
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -9,6 +9,14 @@
 //!   Rust crate speaks `rtcanmsg`.
 //! - [`shaping`]: tbf and netem qdiscs that make a virtual link behave like a CAN bus of a
 //!   given bitrate, delay, jitter, loss and duplication.
+//! - [`access`]: the per-member access policy on a host end (listen-only, transmit allow-list,
+//!   receive filters) as tc classifiers.
+//! - [`bus`]: shared buses built from members: the desired state, the pure rule plan, the
+//!   narrow `Kernel` trait over the modules above, run-time changes and the start-up
+//!   reconcile; every link name the driver uses.
+//!
+//! Feature `fake` makes `bus::fake::FakeKernel` public, an in-memory kernel for other crates'
+//! unit tests.
 //!
 //! The product never runs `ip`, `tc` or `cangw`; tests use them as independent observers.
 

@@ -31,32 +31,32 @@
 
 #[path = "../tests/api_support/mod.rs"]
 mod api_support;
+#[path = "../tests/daemon_support/mod.rs"]
+mod daemon_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
 use can_dra_doubles::apiserver::ApiServer;
-use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_proto::dra::v1::Claim;
+use daemon_support::{Daemon, NodeDirs};
 use serde_json::json;
 
 /// Claims per bus in the large cases; the node configuration allows at most 64 slots a bus.
 const CLAIMS: usize = 64;
 const DEFAULT_ROUNDS: usize = 50;
-/// How long the daemon may take to come up.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The hook the CDI specs name (never run: nothing is attached).
+const HOOK: &str = "/opt/can-dra/bin/can-dra-cdi-hook";
 /// Requests of the floor measurement.
 const EMPTY_SAMPLES: usize = 200;
 
 /// The daemon under test and everything it talks to.
 struct Rig {
-    daemon: Child,
-    plugin: RegisteredPlugin,
+    daemon: Daemon,
     api: ApiServer,
-    plugins: PathBuf,
-    cdi: PathBuf,
+    dirs: NodeDirs,
     root: tempfile::TempDir,
 }
 
@@ -64,52 +64,17 @@ impl Rig {
     async fn start() -> Self {
         let root = tempfile::tempdir().unwrap();
         let (api, _, _) = server_with_node().await;
-        let kubeconfig = root.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig).unwrap();
-        let node_config = root.path().join("node.yaml");
-        std::fs::write(
-            &node_config,
-            format!(
+        let dirs = NodeDirs::new(
+            root.path(),
+            &api,
+            &format!(
                 "apiVersion: can.dra.dev/v1alpha1\nkind: NodeConfig\nvirtualBuses:\n\
                  - name: body\n  bitrate: 500k\n  slots: {CLAIMS}\n"
             ),
-        )
-        .unwrap();
-        let plugins = root.path().join("plugins");
-        let registry = root.path().join("registry");
-        let cdi = root.path().join("cdi");
-        std::fs::create_dir_all(&plugins).unwrap();
-        std::fs::create_dir_all(&registry).unwrap();
-        let log = std::fs::File::create(root.path().join("daemon.log")).unwrap();
-        let daemon = Command::new(daemon_binary())
-            .args(["--node-name", NODE])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--config")
-            .arg(&node_config)
-            .arg("--kubelet-plugins-dir")
-            .arg(&plugins)
-            .arg("--kubelet-registrar-dir")
-            .arg(&registry)
-            .arg("--cdi-dir")
-            .arg(&cdi)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let kubelet = KubeletDouble::new(&registry);
-        let started = Instant::now();
-        let plugin = loop {
-            if !kubelet.registration_sockets().unwrap().is_empty() {
-                break kubelet.register_driver(DRIVER).await.unwrap();
-            }
-            assert!(
-                started.elapsed() < START_TIMEOUT,
-                "the daemon did not register within {START_TIMEOUT:?}; see {}",
-                root.path().join("daemon.log").display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        );
+        let daemon =
+            Daemon::start_binary(&daemon_binary(), &dirs, NODE, DRIVER, Path::new(HOOK), None)
+                .await;
         for k in 0..CLAIMS {
             api.insert_claim(claim(
                 &format!("c{k:02}"),
@@ -122,26 +87,24 @@ impl Rig {
         }
         Self {
             daemon,
-            plugin,
             api,
-            plugins,
-            cdi,
+            dirs,
             root,
         }
     }
 
     fn pid(&self) -> u32 {
-        self.daemon.id()
+        self.daemon.pid()
     }
 
     fn checkpoint(&self) -> PathBuf {
-        self.plugins.join(DRIVER).join("checkpoint.json")
+        self.dirs.data(DRIVER).join("checkpoint.json")
     }
 
     /// Prepares `claims` in one request; every claim must succeed with its one device.
     async fn prepare(&self, claims: &[Claim]) -> Duration {
         let started = Instant::now();
-        let answer = self.plugin.prepare(claims.to_vec()).await.unwrap();
+        let answer = self.daemon.plugin.prepare(claims.to_vec()).await.unwrap();
         let elapsed = started.elapsed();
         for claim in claims {
             let entry = &answer.claims[&claim.uid];
@@ -154,7 +117,7 @@ impl Rig {
     /// Unprepares `claims` in one request; every claim must succeed.
     async fn unprepare(&self, claims: &[Claim]) -> Duration {
         let started = Instant::now();
-        let answer = self.plugin.unprepare(claims.to_vec()).await.unwrap();
+        let answer = self.daemon.plugin.unprepare(claims.to_vec()).await.unwrap();
         let elapsed = started.elapsed();
         for claim in claims {
             assert_eq!(answer.claims[&claim.uid].error, "", "claim {}", claim.name);
@@ -163,17 +126,12 @@ impl Rig {
     }
 
     /// Stops the daemon with SIGTERM; it must exit cleanly.
-    fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(self.daemon.id()).unwrap()),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = self.daemon.wait().unwrap();
+    fn stop(self) {
+        let log = self.daemon.log.clone();
         assert!(
-            status.success(),
-            "daemon exited with {status}; see {}",
-            self.root.path().join("daemon.log").display()
+            self.daemon.stop(),
+            "the daemon did not exit cleanly; see {}",
+            log.display()
         );
         drop(self.api);
     }
@@ -327,7 +285,7 @@ async fn main() {
         unprepare.push(rig.unprepare(&all).await);
     }
     assert_eq!(
-        std::fs::read_dir(&rig.cdi).unwrap().count(),
+        std::fs::read_dir(&rig.dirs.cdi).unwrap().count(),
         0,
         "CDI specs left behind after unprepare"
     );

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use can_dra_api::NodeConfig;
 use can_dra_cluster::publisher::PublishReport;
+use can_dra_dataplane::bus::naming::is_driver_link;
 use can_dra_dataplane::link::{CanController, LinkError, LinkEvent, LinkMonitor, Links};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::inventory::{Inventory, PhysicalController, is_driver_link};
+use crate::inventory::{Inventory, PhysicalController};
 use crate::node::{NodeDriver, NodeError, physical_controller};
 use crate::slices::{SliceError, SlicePublisher};
 

@@ -294,6 +294,11 @@ async fn read_line<R: tokio::io::AsyncRead + Unpin>(reader: R) -> Result<String,
 
 /// The daemon's side: what to do with an attach request.
 pub trait Attacher: Send + Sync + 'static {
+    /// Why an attach failed. Its message is the whole answer the hook gets (and hands to the
+    /// container runtime), so it names the problem: the container's process or namespace is
+    /// gone, the device is not prepared, and so on.
+    type Error: std::fmt::Display + Send;
+
     /// Attaches the device (idempotently) and says what happened, or why it could not. When
     /// `requester` is [gone](Requester::gone) before the attach is committed, nothing of it may
     /// remain.
@@ -301,7 +306,7 @@ pub trait Attacher: Send + Sync + 'static {
         &self,
         request: AttachRequest,
         requester: Requester,
-    ) -> impl std::future::Future<Output = Result<String, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<String, Self::Error>> + Send;
 }
 
 /// Binds the hook socket at `path` (replacing a stale one), readable and writable by root only.
@@ -379,7 +384,8 @@ async fn answer<A: Attacher>(stream: UnixStream, attacher: std::sync::Arc<A>) {
                             message,
                         }
                     }
-                    Err(message) => {
+                    Err(error) => {
+                        let message = error.to_string();
                         tracing::warn!(%message, "attach failed");
                         AttachResponse {
                             attached: false,

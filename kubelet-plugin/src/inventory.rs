@@ -11,6 +11,7 @@ use std::fmt;
 
 use can_dra_api::{Bitrate, NodeConfig};
 use can_dra_cluster::attribute;
+use can_dra_dataplane::bus::naming::is_driver_link;
 use k8s_openapi::api::resource::v1::{Device, DeviceAttribute};
 
 /// Attribute strings are capped by the API (resource.k8s.io/v1: at most 64 characters).
@@ -148,14 +149,6 @@ impl fmt::Display for SlotBus {
             Self::Virtual { name } => write!(f, "virtual bus {name:?}"),
         }
     }
-}
-
-/// Whether a link has a name the driver reserves for its own: a member's host end or a tunnel
-/// pair end ([`can_dra_api::RESERVED_INTERFACE_PREFIXES`], which no member may use either).
-pub fn is_driver_link(name: &str) -> bool {
-    can_dra_dataplane::bus::naming::is_owned(name)
-        || crate::tunnels::is_tunnel_link(name)
-        || can_dra_api::is_reserved_interface_name(name)
 }
 
 impl Inventory {
@@ -402,10 +395,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_api_reserves_exactly_the_data_plane_prefixes() {
+        assert_eq!(
+            can_dra_api::RESERVED_INTERFACE_PREFIXES,
+            can_dra_dataplane::bus::naming::RESERVED_PREFIXES
+        );
+    }
+
+    #[test]
     fn every_link_name_the_driver_makes_is_reserved_in_the_api() {
         let mut names = vec![can_dra_dataplane::bus::naming::host_name("uid/req")];
         for bus in ["body", "a-very-long-bus-name"] {
-            let (mesh, tunnel) = crate::tunnels::link_names(bus);
+            let (mesh, tunnel) = can_dra_dataplane::bus::naming::tunnel_link_names(bus);
             names.extend([mesh, tunnel]);
         }
         for name in names {

@@ -12,6 +12,7 @@
 //! - [`status`]: this driver's entries in `ResourceClaim.status.devices`.
 //! - [`hook`]: the channel from the CDI hook to the daemon (attach a member to a container).
 //! - [`node`]: the node driver joining claims, checkpoint, CDI, status and the data plane.
+//! - [`plane`]: the one handle on the node's buses, shared by the node driver and the tunnels.
 //! - [`files`]: crash-safe file writes for the checkpoint and the CDI specs.
 //! - [`shared_buses`]: reading cluster-wide buses (CanBus resources) as the node needs them.
 //! - [`tunnels`]: one tunnel endpoint per cluster-wide bus, joined to the node's bus mesh.
@@ -33,6 +34,7 @@ pub mod hook;
 pub mod inventory;
 pub mod logging;
 pub mod node;
+pub mod plane;
 pub mod shared_buses;
 pub mod slices;
 pub mod status;

@@ -133,7 +133,8 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     );
     plugin.pod_uid = args.pod_uid.clone();
     let adapter_watch = AdapterWatch::new(driver.clone(), publisher, config);
-    let driver_for_tunnels = driver.clone();
+    let shared_pools = driver.watch_shared_pools();
+    let plane = driver.data_plane().clone();
     let server = PluginServer::start(plugin, driver, shutdown.clone())
         .await
         .context("starting the kubelet plugin servers")?;
@@ -149,8 +150,8 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
                 counters_every: TUNNEL_COUNTERS_INTERVAL,
             },
             CanBusReader::new(client),
-            driver_for_tunnels.clone(),
-            Tunnels::new(KernelTunnelHost::new(driver_for_tunnels)),
+            shared_pools,
+            Tunnels::new(KernelTunnelHost::new(plane)),
             shutdown.clone(),
         ))
     });

@@ -1,8 +1,9 @@
 //! Cross-node buses on this node: one tunnel endpoint per CanBus the node takes part in.
 //!
 //! For each such bus the daemon keeps, on the host (the contract is in `docs/tunnel.md`):
-//! - a vxcan pair `vxtm-<bus>` / `vxtt-<bus>` (a hash of the name when it is longer than 10
-//!   bytes; MTU 72 on FD buses); `vxtm-<bus>` is the tunnel interface of the bus's mesh, so
+//! - a vxcan pair `vxtm-<bus>` / `vxtt-<bus>` (named by
+//!   [`tunnel_link_names`]: a hash of the name when it is longer than 10 bytes; MTU 72 on FD
+//!   buses); `vxtm-<bus>` is the tunnel interface of the bus's mesh, so
 //!   can-gw connects it both ways with every local member and the physical attachment;
 //! - a [`can_dra_tunnel::Endpoint`] on `vxtt-<bus>`, listening on
 //!   `<tunnel address>:<status.tunnelPort>`, whose peers are the other nodes' endpoints in the
@@ -11,7 +12,9 @@
 //!
 //! [`plan`] works out what the node needs from the CanBuses (pure logic); [`Tunnels`] brings the
 //! running endpoints and links in line with it through the narrow [`TunnelHost`] seam, which the
-//! daemon implements over the data plane ([`KernelTunnelHost`]) and the unit tests with a double.
+//! daemon implements over the node's one data plane handle ([`KernelTunnelHost`]) and the unit
+//! tests with a double; [`run`] feeds it from the CanBuses and a watch of the node's prepared
+//! cluster-wide pools.
 //! Links are found again by their prefix, so what a crashed daemon left behind and no longer
 //! wanted is deleted by the first pass; wanted pairs are kept and their rules set again without
 //! duplicates.
@@ -19,57 +22,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use can_dra_dataplane::bus::kernel::{Kernel, PairRequest};
-use can_dra_dataplane::bus::model::{BusSpec, CAN_MTU, CANFD_MTU, NetnsRef};
+use can_dra_dataplane::bus::model::BusSpec;
+use can_dra_dataplane::bus::naming::{is_tunnel_link, tunnel_link_names};
 use can_dra_tunnel::{CountersSnapshot, Endpoint, EndpointConfig, Namespaces, PeerClass};
-use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::NodeDriver;
+use crate::plane::DataPlane;
 use crate::shared_buses::{CanBusReader, SharedBus};
-
-/// Prefix of the end of a tunnel pair that joins the bus mesh.
-pub const MESH_PREFIX: &str = "vxtm-";
-/// Prefix of the end of a tunnel pair that carries the endpoint's raw socket.
-pub const TUNNEL_PREFIX: &str = "vxtt-";
-/// The longest bus name used verbatim in link names (15 bytes minus the prefix).
-const MAX_VERBATIM: usize = 10;
-
-/// The two link names of a bus's tunnel pair: (mesh end, endpoint end).
-///
-/// ```
-/// use can_dra_kubelet_plugin::tunnels::link_names;
-/// assert_eq!(link_names("body"), ("vxtm-body".to_string(), "vxtt-body".to_string()));
-/// let (mesh, _) = link_names("a-bus-name-longer-than-ten");
-/// assert_eq!(mesh.len(), 15);
-/// ```
-pub fn link_names(bus: &str) -> (String, String) {
-    let short = if bus.len() <= MAX_VERBATIM {
-        bus.to_owned()
-    } else {
-        let digest = Sha256::digest(bus.as_bytes());
-        digest
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect::<String>()
-            .chars()
-            .take(MAX_VERBATIM)
-            .collect()
-    };
-    (
-        format!("{MESH_PREFIX}{short}"),
-        format!("{TUNNEL_PREFIX}{short}"),
-    )
-}
-
-/// Whether a host link is one of the tunnel pairs this daemon creates.
-pub fn is_tunnel_link(name: &str) -> bool {
-    name.starts_with(MESH_PREFIX) || name.starts_with(TUNNEL_PREFIX)
-}
 
 /// What this node runs for one bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +132,7 @@ pub fn plan(
                 )),
             }
         }
-        let (mesh_link, tunnel_link) = link_names(&bus.name);
+        let (mesh_link, tunnel_link) = tunnel_link_names(&bus.name);
         plans.insert(
             bus.name.clone(),
             TunnelPlan {
@@ -410,126 +372,49 @@ impl<H: TunnelHost> Tunnels<H> {
     }
 }
 
-/// [`TunnelHost`] over the node driver's data plane and real endpoints.
+/// [`TunnelHost`] over the node's data plane and real endpoints.
 #[derive(Debug, Clone)]
 pub struct KernelTunnelHost {
-    driver: Arc<NodeDriver>,
+    plane: DataPlane,
 }
 
 impl KernelTunnelHost {
-    /// Tunnels in the data plane of `driver` (the daemon's own network namespace).
-    pub fn new(driver: Arc<NodeDriver>) -> Self {
-        Self { driver }
+    /// Tunnels in `plane` (the daemon's own network namespace), shared with the node driver.
+    pub fn new(plane: DataPlane) -> Self {
+        Self { plane }
     }
-}
-
-fn own_namespace() -> NetnsRef {
-    NetnsRef::Path(PathBuf::from("/proc/self/ns/net"))
 }
 
 impl TunnelHost for KernelTunnelHost {
     type Endpoint = Endpoint;
 
     async fn links(&mut self) -> Result<Vec<String>, String> {
-        self.driver
-            .with_data_plane(|buses| {
-                let links = buses.kernel_mut().host_links().map_err(|e| e.to_string())?;
-                Ok(links
-                    .into_iter()
-                    .map(|link| link.name)
-                    .filter(|name| is_tunnel_link(name))
-                    .collect())
-            })
-            .await
+        self.plane.tunnel_links().await.map_err(|e| e.to_string())
     }
 
     async fn delete_link(&mut self, name: &str) -> Result<(), String> {
-        let name = name.to_owned();
-        self.driver
-            .with_data_plane(move |buses| {
-                let kernel = buses.kernel_mut();
-                let links = kernel.host_links().map_err(|e| e.to_string())?;
-                if let Some(link) = links.iter().find(|link| link.name == name) {
-                    kernel
-                        .delete_link(link.ifindex)
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })
+        self.plane
+            .delete_host_link(name)
             .await
+            .map_err(|e| e.to_string())
     }
 
     async fn attach(&mut self, plan: &TunnelPlan) -> Result<(), String> {
-        let plan = plan.clone();
-        self.driver
-            .with_data_plane(move |buses| {
-                let mtu = if plan.fd { CANFD_MTU } else { CAN_MTU };
-                let kernel = buses.kernel_mut();
-                let links = kernel.host_links().map_err(|e| e.to_string())?;
-                let find = |name: &str| links.iter().find(|link| link.name == name);
-                let intact = [&plan.mesh_link, &plan.tunnel_link]
-                    .iter()
-                    .all(|name| find(name).is_some_and(|link| link.mtu == mtu && link.up));
-                if !intact {
-                    for name in [&plan.mesh_link, &plan.tunnel_link] {
-                        if let Some(link) = find(name) {
-                            kernel
-                                .delete_link(link.ifindex)
-                                .map_err(|e| e.to_string())?;
-                        }
-                    }
-                    kernel
-                        .create_pair(&PairRequest {
-                            host_name: plan.mesh_link.clone(),
-                            netns: own_namespace(),
-                            pod_name: plan.tunnel_link.clone(),
-                            mtu,
-                        })
-                        .map_err(|e| e.to_string())?;
-                }
-                if buses.state().bus(&plan.mesh).is_none() {
-                    let mut spec = BusSpec::new(plan.mesh.clone());
-                    spec.fd = plan.fd;
-                    spec.physical = plan.physical.clone();
-                    spec.tunnel = Some(plan.mesh_link.clone());
-                    buses.add_bus(spec).map_err(|e| e.to_string())
-                } else {
-                    buses
-                        .set_externals(
-                            &plan.mesh,
-                            plan.physical.clone(),
-                            Some(plan.mesh_link.clone()),
-                        )
-                        .map_err(|e| e.to_string())
-                }
-            })
+        let mut mesh = BusSpec::new(plan.mesh.clone());
+        mesh.fd = plan.fd;
+        mesh.physical = plan.physical.clone();
+        mesh.tunnel = Some(plan.mesh_link.clone());
+        self.plane
+            .attach_tunnel(mesh, &plan.tunnel_link)
             .await
+            .map_err(|e| e.to_string())
     }
 
     async fn detach(&mut self, plan: &TunnelPlan) -> Result<(), String> {
-        let plan = plan.clone();
-        self.driver
-            .with_data_plane(move |buses| {
-                if let Some(bus) = buses.state().bus(&plan.mesh) {
-                    let result = if bus.members.is_empty() {
-                        buses.remove_bus(&plan.mesh)
-                    } else {
-                        buses.set_externals(&plan.mesh, None, None)
-                    };
-                    result.map_err(|e| e.to_string())?;
-                }
-                let kernel = buses.kernel_mut();
-                for name in [&plan.mesh_link, &plan.tunnel_link] {
-                    let links = kernel.host_links().map_err(|e| e.to_string())?;
-                    if let Some(link) = links.iter().find(|link| &link.name == name) {
-                        kernel
-                            .delete_link(link.ifindex)
-                            .map_err(|e| e.to_string())?;
-                    }
-                }
-                Ok(())
-            })
+        self.plane
+            .detach_tunnel(&plan.mesh, [&plan.mesh_link, &plan.tunnel_link])
             .await
+            .map_err(|e| e.to_string())
     }
 
     async fn start(&mut self, plan: &TunnelPlan) -> Result<Endpoint, String> {
@@ -553,12 +438,13 @@ pub struct TunnelSettings {
     pub counters_every: Duration,
 }
 
-/// Follows the CanBuses until `shutdown`: reads them every `resync`, plans and applies. On
-/// shutdown the endpoints stop and the links stay for the next daemon.
+/// Follows the CanBuses until `shutdown`: reads them every `resync`, plans (with the node's
+/// prepared cluster-wide pools as `local_pools` holds them then) and applies. On shutdown the
+/// endpoints stop and the links stay for the next daemon.
 pub async fn run<H: TunnelHost>(
     settings: TunnelSettings,
     reader: CanBusReader,
-    driver: Arc<NodeDriver>,
+    local_pools: watch::Receiver<BTreeSet<String>>,
     mut tunnels: Tunnels<H>,
     shutdown: CancellationToken,
 ) {
@@ -580,7 +466,7 @@ pub async fn run<H: TunnelHost>(
                         Err(error) => problems.push(error.to_string()),
                     }
                 }
-                let local = driver.shared_pools().await;
+                let local = local_pools.borrow().clone();
                 let (wanted, planning) = plan(&settings.node, settings.address, &buses, &local);
                 problems.extend(planning);
                 let report = tunnels.apply(&wanted).await;

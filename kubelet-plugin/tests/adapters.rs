@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
+mod node_support;
 
 use std::sync::Arc;
 
@@ -13,14 +14,11 @@ use can_dra_api::{Bitrate, NodeConfig};
 use can_dra_cluster::naming::node_slice_name;
 use can_dra_doubles::apiserver::ApiServer;
 use can_dra_kubelet_plugin::adapters::{AdapterChange, AdapterWatch};
-use can_dra_kubelet_plugin::cdi::CdiWriter;
-use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::inventory::{ControllerState, Inventory, PhysicalController};
-use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
+use can_dra_kubelet_plugin::node::NodeDriver;
 use can_dra_kubelet_plugin::slices::SlicePublisher;
-use can_dra_kubelet_plugin::status::StatusWriter;
 use dra_kubeletplugin::driver::{ClaimRef, Driver, HealthStatus};
+use node_support::node_parts;
 use serde_json::json;
 
 const NODE_CONFIG: &str =
@@ -57,18 +55,7 @@ async fn rig(found: Vec<PhysicalController>) -> Rig {
     let inventory = Inventory::from_config(found, &config);
     let publisher = SlicePublisher::new(client.clone(), DRIVER, NODE);
     publisher.publish(&inventory).await.unwrap();
-    let driver = Arc::new(
-        NodeDriver::new(NodeParts {
-            driver: DRIVER.into(),
-            node: NODE.into(),
-            inventory,
-            claims: ClaimReader::new(client.clone(), DRIVER),
-            status: StatusWriter::new(client, DRIVER),
-            cdi: CdiWriter::new(root.path().join("cdi"), DRIVER, "/hook"),
-            checkpoint: CheckpointStore::new(root.path().join("checkpoint.json")),
-        })
-        .unwrap(),
-    );
+    let driver = Arc::new(NodeDriver::new(node_parts(root.path(), &client, inventory)).unwrap());
     let watch = AdapterWatch::new(driver.clone(), publisher, config);
     Rig {
         api,

@@ -5,19 +5,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
+mod node_support;
 
 use std::collections::HashMap;
 
-use api_support::{DRIVER, NODE, claim, config, create_bus, server_with_node};
+use api_support::{DRIVER, claim, config, create_bus, server_with_node};
 use can_dra_doubles::apiserver::ApiServer;
-use can_dra_kubelet_plugin::cdi::CdiWriter;
-use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::inventory::Inventory;
-use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
+use can_dra_kubelet_plugin::node::NodeDriver;
 use can_dra_kubelet_plugin::shared_buses::CanBusReader;
-use can_dra_kubelet_plugin::status::StatusWriter;
 use dra_kubeletplugin::driver::{ClaimRef, ClaimUid, Driver, PreparedDevice};
+use node_support::node_parts;
 use serde_json::json;
 
 struct Rig {
@@ -30,16 +28,7 @@ struct Rig {
 async fn rig(shared: bool) -> Rig {
     let root = tempfile::tempdir().unwrap();
     let (api, client, _) = server_with_node().await;
-    let driver = NodeDriver::new(NodeParts {
-        driver: DRIVER.into(),
-        node: NODE.into(),
-        inventory: Inventory::default(),
-        claims: ClaimReader::new(client.clone(), DRIVER),
-        status: StatusWriter::new(client.clone(), DRIVER),
-        cdi: CdiWriter::new(root.path().join("cdi"), DRIVER, "/opt/can-dra/bin/hook"),
-        checkpoint: CheckpointStore::new(root.path().join("checkpoint.json")),
-    })
-    .unwrap();
+    let driver = NodeDriver::new(node_parts(root.path(), &client, Inventory::default())).unwrap();
     let driver = if shared {
         driver.with_shared_buses(CanBusReader::new(client.clone()))
     } else {
@@ -135,4 +124,31 @@ async fn without_shared_buses_a_canbus_device_is_not_served() {
         .await
         .unwrap_err();
     assert!(error.contains("canbus/powertrain/m0"), "{error}");
+}
+
+#[tokio::test]
+async fn the_tunnels_are_told_which_pools_have_prepared_members() {
+    let rig = rig(true).await;
+    create_bus(&rig.client, "powertrain").await;
+    let mut pools = rig.driver.watch_shared_pools();
+    assert!(pools.borrow_and_update().is_empty());
+
+    let claim = shared_claim(&rig, "c1", "canbus/powertrain", "m0");
+    prepare(&rig, claim.clone()).await.unwrap();
+    assert!(
+        pools.has_changed().unwrap(),
+        "prepare did not tell the tunnels"
+    );
+    assert_eq!(
+        pools.borrow_and_update().iter().collect::<Vec<_>>(),
+        ["canbus/powertrain"]
+    );
+
+    let answers = rig.driver.unprepare(vec![claim.clone()]).await.unwrap();
+    assert_eq!(answers[&claim.uid], Ok(()));
+    assert!(
+        pools.has_changed().unwrap(),
+        "unprepare did not tell the tunnels"
+    );
+    assert!(pools.borrow_and_update().is_empty());
 }

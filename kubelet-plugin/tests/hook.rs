@@ -23,6 +23,8 @@ struct RecordingAttacher {
 }
 
 impl Attacher for RecordingAttacher {
+    type Error = String;
+
     async fn attach(&self, request: AttachRequest, requester: Requester) -> Result<String, String> {
         self.requests.lock().unwrap().push(request);
         if let Some(delay) = self.delay {

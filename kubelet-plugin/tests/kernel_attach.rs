@@ -8,22 +8,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
+mod node_support;
 
 use std::time::Duration;
 
-use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
-use can_dra_api::Bitrate;
-use can_dra_kubelet_plugin::cdi::CdiWriter;
+use api_support::{NODE, claim, config, result, server_with_node};
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
-use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
-use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_testkit::{
     Candump, Host, TestNetns, cangw_rules_uncounted, cansend, link_in, links_in,
 };
 use dra_kubeletplugin::driver::{ClaimRef, Driver};
+use node_support::{body_bus, node_parts};
 use serde_json::json;
 
 /// Names of the links in the test's namespace that the driver owns (`cdra` prefix).
@@ -60,26 +57,12 @@ fn attach_request(uid: &str, device: &str, pid: u32) -> AttachRequest {
 async fn two_pods_attached_to_one_bus_exchange_frames_and_unprepare_leaves_nothing() {
     let root = tempfile::tempdir().unwrap();
     let (api, client, _) = server_with_node().await;
-    let inventory = Inventory {
-        physical: Vec::new(),
-        virtual_buses: vec![VirtualBus {
-            name: "body".into(),
-            bitrate: Bitrate::from_bits_per_second(500_000).unwrap(),
-            fd: false,
-            data_bitrate: None,
-            slots: 4,
-        }],
-    };
-    let cdi = CdiWriter::new(root.path().join("cdi"), DRIVER, "/opt/can-dra/bin/hook");
+    let parts = node_parts(root.path(), &client, body_bus(4));
+    let cdi = parts.cdi.clone();
     let checkpoint = CheckpointStore::new(root.path().join("plugins/checkpoint.json"));
     let driver = NodeDriver::new(NodeParts {
-        driver: DRIVER.into(),
-        node: NODE.into(),
-        inventory,
-        claims: ClaimReader::new(client.clone(), DRIVER),
-        status: StatusWriter::new(client, DRIVER),
-        cdi: cdi.clone(),
         checkpoint: checkpoint.clone(),
+        ..parts
     })
     .unwrap();
     for (name, uid, device, interface) in [

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
+mod node_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,13 +16,12 @@ use can_dra_doubles::apiserver::ApiServer;
 use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
-use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
+use can_dra_kubelet_plugin::inventory::Inventory;
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
-use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_proto::dra::v1::Claim;
 use dra_kubeletplugin::server::{PluginConfig, PluginServer};
+use node_support::{body_bus, node_parts, prepared_claim};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -40,27 +40,13 @@ struct Rig {
 async fn rig() -> Rig {
     let root = tempfile::tempdir().unwrap();
     let (api, client, _) = server_with_node().await;
-    let inventory = Inventory {
-        physical: Vec::new(),
-        virtual_buses: vec![VirtualBus {
-            name: "body".into(),
-            bitrate: Bitrate::from_bits_per_second(500_000).unwrap(),
-            fd: false,
-            data_bitrate: None,
-            slots: 4,
-        }],
-    };
-    let cdi = CdiWriter::new(root.path().join("cdi"), DRIVER, "/opt/can-dra/bin/hook");
+    let parts = node_parts(root.path(), &client, body_bus(4));
+    let cdi = parts.cdi.clone();
     let checkpoint = CheckpointStore::new(root.path().join("plugins/checkpoint.json"));
     let driver = Arc::new(
         NodeDriver::new(NodeParts {
-            driver: DRIVER.into(),
-            node: NODE.into(),
-            inventory,
-            claims: ClaimReader::new(client.clone(), DRIVER),
-            status: StatusWriter::new(client, DRIVER),
-            cdi: cdi.clone(),
             checkpoint: checkpoint.clone(),
+            ..parts
         })
         .unwrap(),
     );
@@ -299,7 +285,8 @@ async fn attaching_an_unprepared_claim_is_refused() {
             Requester::default(),
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(refused.contains("not prepared"), "{refused}");
     assert!(refused.contains("uid-unknown"), "{refused}");
 }
@@ -425,19 +412,11 @@ async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
         state,
         slots: 2,
     };
-    let driver = NodeDriver::new(NodeParts {
-        driver: DRIVER.into(),
-        node: NODE.into(),
-        inventory: Inventory {
-            physical: vec![can0(ControllerState::ErrorActive)],
-            virtual_buses: Vec::new(),
-        },
-        claims: ClaimReader::new(client.clone(), DRIVER),
-        status: StatusWriter::new(client, DRIVER),
-        cdi: CdiWriter::new(root.path().join("cdi"), DRIVER, "/hook"),
-        checkpoint: CheckpointStore::new(root.path().join("checkpoint.json")),
-    })
-    .unwrap();
+    let inventory = Inventory {
+        physical: vec![can0(ControllerState::ErrorActive)],
+        virtual_buses: Vec::new(),
+    };
+    let driver = NodeDriver::new(node_parts(root.path(), &client, inventory)).unwrap();
     let health = driver.health();
     let statuses = |rx: &tokio::sync::watch::Receiver<Vec<DeviceHealth>>| {
         rx.borrow()
@@ -471,60 +450,22 @@ async fn restarted_driver(
     root: &std::path::Path,
     attachment: Option<can_dra_kubelet_plugin::node::Attachment>,
 ) -> (NodeDriver, CheckpointStore, NodeState) {
-    use can_dra_dataplane::bus::model::Access;
-    use can_dra_kubelet_plugin::node::{MemberParams, PreparedClaim, PreparedMember};
-
     let (_api, client, _) = server_with_node().await;
     let mut state = NodeState::default();
     state.claims.insert(
         "uid-r".into(),
-        PreparedClaim {
-            namespace: "ns".into(),
-            name: "r".into(),
-            devices: vec![PreparedMember {
-                request: "a".into(),
-                pool: NODE.into(),
-                device: "body-m0".into(),
-                share_id: None,
-                bus: "body".into(),
-                shared_fd: None,
-                member: MemberParams {
-                    interface: "ecu0".into(),
-                    fd: false,
-                    access: Access::ReadWrite,
-                    transmit_allow: Vec::new(),
-                    receive_filters: Vec::new(),
-                    rx_shaping: None,
-                    tx_shaping: None,
-                },
-                cdi_device_id: "k8s.can.dra.dev/can=uid-r-a".into(),
-                attachment,
-            }],
-            status_pending: false,
-            status_written_unsaved: false,
-        },
+        prepared_claim(
+            "r",
+            "a",
+            ("body-m0", "body", "ecu0"),
+            "k8s.can.dra.dev/can=uid-r-a",
+            attachment,
+        ),
     );
-    let checkpoint = CheckpointStore::new(root.join("checkpoint.json"));
+    let parts = node_parts(root, &client, body_bus(2));
+    let checkpoint = parts.checkpoint.clone();
     checkpoint.save(&state).unwrap();
-    let driver = NodeDriver::new(NodeParts {
-        driver: DRIVER.into(),
-        node: NODE.into(),
-        inventory: Inventory {
-            physical: Vec::new(),
-            virtual_buses: vec![VirtualBus {
-                name: "body".into(),
-                bitrate: Bitrate::from_bits_per_second(500_000).unwrap(),
-                fd: false,
-                data_bitrate: None,
-                slots: 2,
-            }],
-        },
-        claims: ClaimReader::new(client.clone(), DRIVER),
-        status: StatusWriter::new(client, DRIVER),
-        cdi: CdiWriter::new(root.join("cdi"), DRIVER, "/hook"),
-        checkpoint: checkpoint.clone(),
-    })
-    .unwrap();
+    let driver = NodeDriver::new(parts).unwrap();
     (driver, checkpoint, state)
 }
 

@@ -1,4 +1,5 @@
-//! An in-memory kernel for unit tests of the bus logic. It models what the bus relies on:
+//! An in-memory kernel for unit tests of the bus logic and, behind the `fake` feature, of the
+//! crates that drive [`Buses`](super::Buses) (the node daemon). It models what the bus relies on:
 //! per-namespace links, vxcan pairs that die together, can-gw rules that are not de-duplicated
 //! and vanish with their interfaces, and qdisc/classifier state per end. Mutations are counted
 //! and one can be made to fail, to test undo paths.
@@ -12,16 +13,23 @@ use super::kernel::{
 use super::model::{AccessPolicy, NetnsRef, Shaping};
 use crate::netns::NetnsId;
 
+/// The in-memory kernel. Start from [`FakeKernel::new`] (a host namespace with `lo`).
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     next_ifindex: u32,
+    /// The links of the host namespace.
     pub host: Vec<HostLink>,
     namespaces: BTreeMap<NetnsRef, NetnsId>,
     pod_next: BTreeMap<NetnsId, u32>,
+    /// The links inside member namespaces, by namespace and name.
     pub pods: BTreeMap<(NetnsId, String), PodLink>,
+    /// The can-gw rules, in kernel order.
     pub rules: Vec<ObservedRule>,
+    /// Shaping by end.
     pub shaping: BTreeMap<String, Shaping>,
+    /// Access policies by host end.
     pub access: BTreeMap<String, AccessPolicy>,
+    /// can-gw is not loaded: adding a rule fails as a missing module.
     pub gateway_missing: bool,
     /// Mutating calls so far.
     pub mutations: usize,
@@ -30,6 +38,7 @@ pub struct FakeKernel {
 }
 
 impl FakeKernel {
+    /// A kernel whose host namespace holds only `lo`.
     pub fn new() -> Self {
         let mut kernel = Self {
             next_ifindex: 2,
@@ -116,6 +125,7 @@ impl FakeKernel {
         self.rules.push(observed(src, dst, flags, extra));
     }
 
+    /// The ifindex of a host link (0 if there is none).
     pub fn ifindex(&self, name: &str) -> u32 {
         self.host
             .iter()
@@ -124,6 +134,7 @@ impl FakeKernel {
             .unwrap_or(0)
     }
 
+    /// The name of a host link (empty if there is none).
     pub fn name_of(&self, ifindex: u32) -> String {
         self.host
             .iter()

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use can_dra_cluster::canbus::{CanBusSpec, PhysicalAttachment};
 
+use can_dra_dataplane::bus::naming::{MESH_PREFIX, TUNNEL_PREFIX};
+
 use super::*;
 
 const NODE: &str = "n1";
@@ -119,15 +121,15 @@ fn problems_name_the_bus_and_leave_the_rest_of_the_plan() {
 
 #[test]
 fn long_bus_names_are_hashed_into_fifteen_bytes_and_stay_distinct() {
-    let (a, ta) = link_names("powertrain-front-left");
-    let (b, _) = link_names("powertrain-front-right");
+    let (a, ta) = tunnel_link_names("powertrain-front-left");
+    let (b, _) = tunnel_link_names("powertrain-front-right");
     assert_eq!(a.len(), 15);
     assert_eq!(ta.len(), 15);
     assert_ne!(a, b);
-    assert_eq!(link_names("powertrain-front-left").0, a);
+    assert_eq!(tunnel_link_names("powertrain-front-left").0, a);
     assert!(is_tunnel_link(&a) && is_tunnel_link(&ta));
     assert!(!is_tunnel_link("cdra0123456789a"));
-    assert_eq!(link_names("ten-chars!").0, "vxtm-ten-chars!");
+    assert_eq!(tunnel_link_names("ten-chars!").0, "vxtm-ten-chars!");
 }
 
 /// What the double observed.

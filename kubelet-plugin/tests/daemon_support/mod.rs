@@ -66,14 +66,32 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon for `node` over `dirs` (its log goes to `<root>/daemon-<n>.log`) and
-    /// waits until the kubelet double has registered it.
+    /// Starts the daemon for `node` over `dirs` (its log goes to `<root>/daemon-<n>.log`, at
+    /// `info`) and waits until the kubelet double has registered it.
     pub async fn start(dirs: &NodeDirs, node: &str, driver: &str, hook: &Path) -> Self {
+        let binary = Path::new(env!("CARGO_BIN_EXE_can-dra-kubelet-plugin"));
+        Self::start_binary(binary, dirs, node, driver, hook, Some("info")).await
+    }
+
+    /// [`start`](Self::start) with another build of the daemon, and `RUST_LOG` set to
+    /// `rust_log` (`None` leaves the environment as it is).
+    pub async fn start_binary(
+        binary: &Path,
+        dirs: &NodeDirs,
+        node: &str,
+        driver: &str,
+        hook: &Path,
+        rust_log: Option<&str>,
+    ) -> Self {
         let log = (0..)
             .map(|n| dirs.root.join(format!("daemon-{n}.log")))
             .find(|p| !p.exists())
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_can-dra-kubelet-plugin"))
+        let mut command = Command::new(binary);
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
             .args(["--node-name", node, "--driver-name", driver])
             .arg("--kubeconfig")
             .arg(&dirs.kubeconfig)
@@ -87,7 +105,6 @@ impl Daemon {
             .arg(&dirs.cdi)
             .arg("--hook-path")
             .arg(hook)
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
