@@ -16,7 +16,7 @@ use can_dra_doubles::apiserver::ApiServer;
 use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
+use can_dra_kubelet_plugin::hook_socket::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::Inventory;
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
 use can_dra_proto::dra::v1::Claim;
