@@ -10,7 +10,7 @@ use super::kernel::{
     AccessCounters, End, HostLink, Kernel, KernelError, KernelErrorKind, LinkKind, ObservedRule,
     PairRequest, PodLink, Rule,
 };
-use super::model::{AccessPolicy, NetnsRef, Shaping};
+use super::model::{MemberAccess, NetnsRef, Shaping};
 use crate::netns::NetnsId;
 
 /// The in-memory kernel. Start from [`FakeKernel::new`] (a host namespace with `lo`).
@@ -28,7 +28,7 @@ pub struct FakeKernel {
     /// Shaping by end.
     pub shaping: BTreeMap<String, Shaping>,
     /// Access policies by host end.
-    pub access: BTreeMap<String, AccessPolicy>,
+    pub access: BTreeMap<String, MemberAccess>,
     /// can-gw is not loaded: adding a rule fails as a missing module.
     pub gateway_missing: bool,
     /// Mutating calls so far.
@@ -340,11 +340,11 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    fn access(&mut self, host_name: &str) -> Result<Option<AccessPolicy>, KernelError> {
+    fn access(&mut self, host_name: &str) -> Result<Option<MemberAccess>, KernelError> {
         Ok(self.access.get(host_name).cloned())
     }
 
-    fn apply_access(&mut self, host_name: &str, policy: &AccessPolicy) -> Result<(), KernelError> {
+    fn apply_access(&mut self, host_name: &str, policy: &MemberAccess) -> Result<(), KernelError> {
         self.mutate(&format!("access policy on {host_name}"))?;
         self.access.insert(host_name.into(), policy.clone());
         Ok(())

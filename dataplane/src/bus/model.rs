@@ -211,7 +211,7 @@ impl MemberSpec {
     /// The access policy the host end needs, or `None` when the member is unrestricted. The
     /// policy is in canonical form (sorted, no duplicates, no allow-list when listen-only), the
     /// form the kernel state reads back as.
-    pub fn access_policy(&self) -> Option<AccessPolicy> {
+    pub fn access_policy(&self) -> Option<MemberAccess> {
         let canonical = |filters: &[CanFilter]| {
             let mut filters = filters.to_vec();
             filters.sort_unstable();
@@ -219,7 +219,7 @@ impl MemberSpec {
             filters
         };
         let listen_only = self.access == Access::ListenOnly;
-        let policy = AccessPolicy {
+        let policy = MemberAccess {
             listen_only,
             transmit_allow: if listen_only {
                 Vec::new()
@@ -247,10 +247,11 @@ pub const CAN_MTU: u32 = 16;
 /// `CANFD_MTU`: the size of a `canfd_frame`.
 pub const CANFD_MTU: u32 = 72;
 
-/// What the access module enforces on a member's host end.
+/// The access a member's host end must enforce, as desired state. Its netlink form is
+/// [`crate::access::AccessPolicy`]; the one conversion between the two is in [`super::system`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct AccessPolicy {
+pub struct MemberAccess {
     /// Drop (and count) everything the member sends.
     pub listen_only: bool,
     /// Frames the member may send; empty allows everything.
@@ -259,7 +260,7 @@ pub struct AccessPolicy {
     pub receive_filters: Vec<CanFilter>,
 }
 
-impl AccessPolicy {
+impl MemberAccess {
     /// Whether the policy restricts nothing (so no classifier is needed).
     pub fn is_open(&self) -> bool {
         !self.listen_only && self.transmit_allow.is_empty() && self.receive_filters.is_empty()
