@@ -459,6 +459,10 @@ pub enum CanState {
 }
 
 impl CanState {
+    /// The name of a state that is not known: a value this module does not know, or a link
+    /// that reports no state at all (`vcan`, `vxcan`).
+    pub const UNKNOWN: &'static str = "unknown";
+
     /// Maps the kernel's `enum can_state`.
     pub fn from_raw(value: u32) -> Self {
         match value {
@@ -481,7 +485,7 @@ impl CanState {
             Self::BusOff => "bus-off",
             Self::Stopped => "stopped",
             Self::Sleeping => "sleeping",
-            Self::Other(_) => "unknown",
+            Self::Other(_) => Self::UNKNOWN,
         }
     }
 }
