@@ -63,7 +63,7 @@ pub enum BusError {
         bus: String,
     },
     /// An interface name breaks the kernel's rules.
-    #[error("invalid interface name {name:?} for {owner}: it {reason}")]
+    #[error("invalid interface name {name:?} for {owner}: {reason}")]
     InvalidInterfaceName {
         /// Who asked for it (`member X`, `bus Y`).
         owner: String,

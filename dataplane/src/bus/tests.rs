@@ -285,6 +285,12 @@ fn bad_input_is_refused_before_anything_is_created() {
         matches!(error, BusError::InvalidInterfaceName { .. }),
         "{error}"
     );
+    // A numbering template, which the kernel would expand instead of using: refused by the plan
+    // with the link module's reason, before any link is created.
+    let error = buses
+        .join("b", MemberSpec::new("t", ns("a"), "can%d"))
+        .unwrap_err();
+    assert!(error.to_string().contains("contains '%'"), "{error}");
     // An unknown bus, and an unknown physical interface.
     assert!(matches!(
         buses.join("nope", member("z")),
