@@ -17,7 +17,7 @@ use super::kernel::{
     AccessCounters, End, FLAG_ECHO, FLAG_FD, FLAG_IIF_TX_OK, HostLink, Kernel, KernelError,
     KernelErrorKind, LinkKind, ObservedRule, PairRequest, PodLink, Rule,
 };
-use super::model::{CANFD_MTU, CanFilter, MemberAccess, NetnsRef, Shaping};
+use super::model::{CANFD_MTU, CanFilter, MemberAccess, MemberShaping, NetnsRef};
 
 /// The hop limit put on every mesh rule: a routed frame is never routed again, whatever
 /// `max_hops` the can-gw module was loaded with, so echoes on a `vcan` cannot become copies.
@@ -232,7 +232,7 @@ impl Kernel for SystemKernel {
         gateway::delete(&mut self.gateway, &exact).map_err(|e| gateway_error(&operation, e))
     }
 
-    fn shaping(&mut self, end: &End) -> Result<Option<Shaping>, KernelError> {
+    fn shaping(&mut self, end: &End) -> Result<Option<MemberShaping>, KernelError> {
         let operation = format!("reading shaping on {end}");
         let (mut socket, ifindex) = self.end_socket(end, &operation)?;
         let socket = socket.as_mut().unwrap_or(&mut self.gateway);
@@ -240,15 +240,15 @@ impl Kernel for SystemKernel {
             Ok(found) => Ok(found.map(|found| from_shaping(&found))),
             // Someone else's qdisc under our handle: report something no spec equals, so the
             // caller replaces (or clears) it.
-            Err(shaping::ShapingError::Unrecognised { .. }) => Ok(Some(Shaping {
+            Err(shaping::ShapingError::Unrecognised { .. }) => Ok(Some(MemberShaping {
                 bitrate: Some(0),
-                ..Shaping::default()
+                ..MemberShaping::default()
             })),
             Err(error) => Err(shaping_error(&operation, error)),
         }
     }
 
-    fn apply_shaping(&mut self, end: &End, wanted: &Shaping) -> Result<(), KernelError> {
+    fn apply_shaping(&mut self, end: &End, wanted: &MemberShaping) -> Result<(), KernelError> {
         let operation = format!("shaping {end}");
         let (mut socket, ifindex) = self.end_socket(end, &operation)?;
         let socket = socket.as_mut().unwrap_or(&mut self.gateway);
@@ -360,7 +360,7 @@ fn access_error(operation: &str, error: access::AccessError) -> KernelError {
 }
 
 /// The shaping module's spec for a member's shaping (default queue limit).
-pub fn to_shaping(wanted: &Shaping) -> shaping::Shaping {
+pub fn to_shaping(wanted: &MemberShaping) -> shaping::Shaping {
     shaping::Shaping {
         bitrate: wanted.bitrate,
         data_bitrate: wanted.data_bitrate,
@@ -377,8 +377,8 @@ fn micros(duration: Duration) -> u32 {
 }
 
 /// A member shaping from what the shaping module read back.
-pub fn from_shaping(found: &shaping::Shaping) -> Shaping {
-    Shaping {
+pub fn from_shaping(found: &shaping::Shaping) -> MemberShaping {
+    MemberShaping {
         bitrate: found.bitrate,
         data_bitrate: found.data_bitrate,
         delay_us: micros(found.delay),
