@@ -24,7 +24,7 @@
 mod decode;
 mod error;
 mod member;
-mod node;
+mod node_config;
 mod value;
 
 pub use decode::API_VERSION;
@@ -34,7 +34,7 @@ pub use member::{
     MAX_JITTER, MEMBER_CONFIG_KIND, MemberConfig, ResolvedMember, ResolvedShaping, ShapingConfig,
     ShapingDirection,
 };
-pub use node::{
+pub use node_config::{
     DEFAULT_SLOTS, GlobPattern, MAX_BUS_NAME_LEN, MAX_SLOTS, NODE_CONFIG_KIND, NodeConfig,
     PhysicalConfig, VirtualBusConfig,
 };

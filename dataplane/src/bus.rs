@@ -2,11 +2,12 @@
 //! classifiers and shaping into one node data plane.
 //!
 //! - [`model`]: the desired state (buses and members), plain serialisable data.
-//! - [`naming`]: every driver link name (member host ends, tunnel pairs), which links are the
-//!   driver's, and interface name rules.
+//! - [`naming`]: every driver link name (member host ends, tunnel pairs) and which links are the
+//!   driver's.
 //! - [`plan`]: the mesh of can-gw rules a bus needs; pure logic.
 //! - [`kernel`]: the narrow [`Kernel`](kernel::Kernel) trait the bus logic drives.
-//! - [`system`]: its implementation over the `link`, `gateway`, `shaping` and `access` modules.
+//! - [`system`]: its implementation over the `link`, `gateway`, `shaping` and `access` modules,
+//!   with the one conversion each between the model's types and theirs.
 //! - [`manager`]: [`Buses`], which joins and removes members and buses at run time, undoing
 //!   partial work on failure, and reads per-member counters.
 //! - [`reconcile`]: brings the kernel in line with a desired state after a restart.
@@ -63,7 +64,7 @@ pub enum BusError {
         bus: String,
     },
     /// An interface name breaks the kernel's rules.
-    #[error("invalid interface name {name:?} for {owner}: it {reason}")]
+    #[error("invalid interface name {name:?} for {owner}: {reason}")]
     InvalidInterfaceName {
         /// Who asked for it (`member X`, `bus Y`).
         owner: String,

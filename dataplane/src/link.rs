@@ -207,7 +207,19 @@ impl LinkError {
 /// assert!(validate_name("a/b").is_err());
 /// ```
 pub fn validate_name(name: &str) -> Result<(), LinkError> {
-    let reason = if name.is_empty() {
+    match name_problem(name) {
+        Some(reason) => Err(LinkError::InvalidName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What [`validate_name`] finds wrong with `name`, if anything: the one rule for link names in
+/// the data plane.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
         Some("empty")
     } else if name.len() > MAX_NAME_LEN {
         Some("longer than 15 bytes")
@@ -223,13 +235,6 @@ pub fn validate_name(name: &str) -> Result<(), LinkError> {
         Some("contains whitespace or a control character")
     } else {
         None
-    };
-    match reason {
-        Some(reason) => Err(LinkError::InvalidName {
-            name: name.to_string(),
-            reason,
-        }),
-        None => Ok(()),
     }
 }
 
@@ -459,6 +464,10 @@ pub enum CanState {
 }
 
 impl CanState {
+    /// The name of a state that is not known: a value this module does not know, or a link
+    /// that reports no state at all (`vcan`, `vxcan`).
+    pub const UNKNOWN: &'static str = "unknown";
+
     /// Maps the kernel's `enum can_state`.
     pub fn from_raw(value: u32) -> Self {
         match value {
@@ -481,7 +490,7 @@ impl CanState {
             Self::BusOff => "bus-off",
             Self::Stopped => "stopped",
             Self::Sleeping => "sleeping",
-            Self::Other(_) => "unknown",
+            Self::Other(_) => Self::UNKNOWN,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use can_dra_dataplane::bus::kernel::{Kernel, LinkKind};
 use can_dra_dataplane::bus::model::{
-    Access, BusSpec, CanFilter, DesiredState, MemberSpec, NetnsRef, Shaping,
+    Access, BusSpec, CanFilter, DesiredState, MemberShaping, MemberSpec, NetnsRef,
 };
 use can_dra_dataplane::bus::naming::host_name;
 use can_dra_dataplane::bus::system::SystemKernel;
@@ -438,9 +438,9 @@ fn shaping_one_member_delays_only_that_member() {
     let pods = pods(3);
     let mut bus = BusSpec::new("shaped");
     let mut slow = member("slow", &pods[2]);
-    slow.rx_shaping = Some(Shaping {
+    slow.rx_shaping = Some(MemberShaping {
         delay_us: 200_000,
-        ..Shaping::default()
+        ..MemberShaping::default()
     });
     bus.members = vec![member("sender", &pods[0]), member("fast", &pods[1]), slow];
     node.buses.add_bus(bus).unwrap();
@@ -621,13 +621,13 @@ fn removing_a_bus_leaves_links_rules_and_qdiscs_as_they_were() {
     let mut bus = BusSpec::new("gone");
     bus.physical = Some("vcan0".into());
     let mut shaped = member("shaped", &pods[0]);
-    shaped.rx_shaping = Some(Shaping {
+    shaped.rx_shaping = Some(MemberShaping {
         bitrate: Some(125_000),
-        ..Shaping::default()
+        ..MemberShaping::default()
     });
-    shaped.tx_shaping = Some(Shaping {
+    shaped.tx_shaping = Some(MemberShaping {
         delay_us: 1000,
-        ..Shaping::default()
+        ..MemberShaping::default()
     });
     let mut listener = member("listener", &pods[1]);
     listener.access = Access::ListenOnly;

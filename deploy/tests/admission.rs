@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use can_dra_api::MemberConfig;
+use can_dra_api::{InterfaceName, MemberConfig};
 use cel::{Context, Program, Value as Cel};
 use common::to_cel;
 use serde_json::{Value, json};
@@ -341,4 +341,74 @@ fn templates_are_checked_like_claims() {
     });
     let denials = policy.denials(&template);
     assert!(denials.iter().any(|d| d.contains("access")), "{denials:?}");
+}
+
+/// The chart's admission policy and the api crate's [`InterfaceName`] are two copies of one rule
+/// set: every name gets the same verdict from both, so a name the apiserver admits never fails at
+/// prepare, and a name the driver would take is refused at admission.
+#[test]
+fn interface_names_get_the_same_verdict_from_the_chart_and_the_api() {
+    let policy = Policy::load("resourceclaims");
+    let mut names: Vec<String> = [
+        "can0",
+        "vxcan0",
+        "cdr0",
+        "a-b_c.d@e",
+        "~!",
+        "a23456789012345",
+        "a234567890123456",
+        "",
+        ".",
+        "..",
+        "...",
+        "lo",
+        "lo0",
+        "LO",
+        "eth0/1",
+        "/",
+        "can:0",
+        "can%d",
+        "%",
+        "can 0",
+        "can\t0",
+        "can\n",
+        "can\u{7f}",
+        "can\u{0}",
+        "cän0",
+        "ääääääää",
+        "CDRA0",
+        "cdr",
+        "vxtm",
+        "vxtt",
+        "vxtmx",
+        "xcdra",
+    ]
+    .map(String::from)
+    .to_vec();
+    for prefix in can_dra_api::RESERVED_INTERFACE_PREFIXES {
+        names.push((*prefix).to_owned());
+        names.push(format!("{prefix}1"));
+        names.push(format!("{prefix}{}", "x".repeat(15 - prefix.len())));
+    }
+    let mut admitted = 0;
+    for name in &names {
+        let api = name.parse::<InterfaceName>();
+        let chart: Vec<String> = policy
+            .denials(&claim_with(member(json!({ "interfaceName": name }))))
+            .into_iter()
+            .filter(|denial| denial.contains("interfaceName"))
+            .collect();
+        assert_eq!(
+            api.is_ok(),
+            chart.is_empty(),
+            "{name:?}: the api says {api:?}, the chart says {chart:?}"
+        );
+        admitted += usize::from(api.is_ok());
+    }
+    // Both verdicts occur, so the comparison can tell the two rule sets apart.
+    assert!(
+        admitted > 0 && admitted < names.len(),
+        "{admitted} of {}",
+        names.len()
+    );
 }

@@ -126,7 +126,7 @@ fn summary(c: &PhysicalController) -> String {
         |r: Option<can_dra_api::Bitrate>| r.map_or_else(|| "unset".to_owned(), |r| r.to_string());
     format!(
         "state {}, controller {}, bitrate {}, fd {}, {} slots",
-        c.state,
+        c.state_name(),
         c.controller,
         rate(c.bitrate),
         c.fd,
@@ -143,7 +143,11 @@ fn differences(before: &PhysicalController, after: &PhysicalController) -> Strin
     };
     let rate =
         |r: Option<can_dra_api::Bitrate>| r.map_or_else(|| "unset".to_owned(), |r| r.to_string());
-    field("state", before.state.to_string(), after.state.to_string());
+    field(
+        "state",
+        before.state_name().to_owned(),
+        after.state_name().to_owned(),
+    );
     field("bitrate", rate(before.bitrate), rate(after.bitrate));
     field(
         "dataBitrate",
@@ -356,7 +360,6 @@ mod tests {
     use can_dra_dataplane::link::{CanKind, CanState, OperState};
 
     use super::*;
-    use crate::inventory::ControllerState;
 
     fn link(name: &str, kind: CanKind, up: bool, state: Option<CanState>) -> CanController {
         CanController {
@@ -388,17 +391,17 @@ mod tests {
             link("cdra", CanKind::Vcan, true, None),
             link("vxtt-body", CanKind::Vxcan, true, None),
         ];
-        let published: Vec<(String, ControllerState)> = published_controllers(&found)
+        let published: Vec<(String, Option<CanState>)> = published_controllers(&found)
             .into_iter()
             .map(|c| (c.interface, c.state))
             .collect();
         assert_eq!(
             published,
             [
-                ("can0".to_owned(), ControllerState::ErrorActive),
-                ("ecu0".to_owned(), ControllerState::Unknown),
-                ("vcan0".to_owned(), ControllerState::Stopped),
-                ("vcan1".to_owned(), ControllerState::Unknown),
+                ("can0".to_owned(), Some(CanState::ErrorActive)),
+                ("ecu0".to_owned(), None),
+                ("vcan0".to_owned(), Some(CanState::Stopped)),
+                ("vcan1".to_owned(), None),
             ]
         );
     }

@@ -12,51 +12,12 @@ use std::fmt;
 use can_dra_api::{Bitrate, NodeConfig};
 use can_dra_cluster::attribute;
 use can_dra_dataplane::bus::naming::is_driver_link;
+/// The controller state of [`PhysicalController::state`], the data plane's own.
+pub use can_dra_dataplane::link::CanState;
 use k8s_openapi::api::resource::v1::{Device, DeviceAttribute};
 
 /// Attribute strings are capped by the API (resource.k8s.io/v1: at most 64 characters).
 pub const MAX_ATTRIBUTE_STRING_LEN: usize = 64;
-
-/// The state of a CAN controller, as the kernel reports it (`IFLA_CAN_STATE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum ControllerState {
-    /// Normal operation.
-    ErrorActive,
-    /// Error counters above the warning level.
-    ErrorWarning,
-    /// Error counters above the passive level: the controller no longer sends active error flags.
-    ErrorPassive,
-    /// The controller left the bus after too many errors.
-    BusOff,
-    /// The interface is down.
-    Stopped,
-    /// The controller sleeps.
-    Sleeping,
-    /// Not reported.
-    #[default]
-    Unknown,
-}
-
-impl ControllerState {
-    /// The attribute value: the kernel's name in lower case (`error-active`, `bus-off`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ErrorActive => "error-active",
-            Self::ErrorWarning => "error-warning",
-            Self::ErrorPassive => "error-passive",
-            Self::BusOff => "bus-off",
-            Self::Stopped => "stopped",
-            Self::Sleeping => "sleeping",
-            Self::Unknown => "unknown",
-        }
-    }
-}
-
-impl fmt::Display for ControllerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A physical CAN controller on the node (a netdev of link kind `can`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,10 +32,20 @@ pub struct PhysicalController {
     pub data_bitrate: Option<Bitrate>,
     /// Whether CAN FD is enabled.
     pub fd: bool,
-    /// The controller state.
-    pub state: ControllerState,
+    /// The controller state as the kernel reports it; `None` when it reports none (a `vcan`
+    /// stand-in), published as [`CanState::UNKNOWN`]. A link that is down is
+    /// [`CanState::Stopped`] whatever its kind.
+    pub state: Option<CanState>,
     /// How many member slots to offer.
     pub slots: u32,
+}
+
+impl PhysicalController {
+    /// The state as published in the `state` attribute and logged: the kernel's name in lower
+    /// case (`error-active`, `bus-off`, ...), [`CanState::UNKNOWN`] when none is reported.
+    pub fn state_name(&self) -> &'static str {
+        self.state.map_or(CanState::UNKNOWN, CanState::as_str)
+    }
 }
 
 /// A node-local virtual bus from the plugin configuration.
@@ -270,8 +241,7 @@ impl Inventory {
                             attributes.insert(attribute::FD.to_owned(), boolean(c.fd));
                             attributes
                                 .insert(attribute::CONTROLLER.to_owned(), string(&c.controller));
-                            attributes
-                                .insert(attribute::STATE.to_owned(), string(c.state.as_str()));
+                            attributes.insert(attribute::STATE.to_owned(), string(c.state_name()));
                             insert_rates(
                                 &mut attributes,
                                 c.bitrate,
@@ -427,7 +397,7 @@ mod tests {
             bitrate: Some(rate("500k")),
             data_bitrate: Some(rate("2M")),
             fd: true,
-            state: ControllerState::ErrorActive,
+            state: Some(CanState::ErrorActive),
             slots,
         }
     }

@@ -19,12 +19,12 @@ use can_dra_api::NodeConfig;
 use can_dra_kubelet_plugin::adapters::{self, AdapterWatch};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
+use can_dra_kubelet_plugin::claim_status::StatusWriter;
 use can_dra_kubelet_plugin::claims::ClaimReader;
-use can_dra_kubelet_plugin::hook::{self, HOOK_SOCKET_NAME};
+use can_dra_kubelet_plugin::hook_socket::{self, HOOK_SOCKET_NAME};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts};
 use can_dra_kubelet_plugin::shared_buses::CanBusReader;
 use can_dra_kubelet_plugin::slices::SlicePublisher;
-use can_dra_kubelet_plugin::status::StatusWriter;
 use can_dra_kubelet_plugin::tunnels::{self, KernelTunnelHost, TunnelSettings, Tunnels};
 use can_dra_kubelet_plugin::{cli::PluginArgs, logging};
 use can_dra_proto::dra::v1::NodePrepareResourcesRequest;
@@ -90,7 +90,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     let data_dir: PathBuf = args.kubelet_plugins_dir.join(&args.driver_name);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let hook_socket = data_dir.join(HOOK_SOCKET_NAME);
+    let socket_path = data_dir.join(HOOK_SOCKET_NAME);
     let driver = Arc::new(
         NodeDriver::new(NodeParts {
             driver: args.driver_name.clone(),
@@ -99,7 +99,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
             claims: ClaimReader::new(client.clone(), &args.driver_name),
             status: StatusWriter::new(client.clone(), &args.driver_name),
             cdi: CdiWriter::new(&args.cdi_dir, &args.driver_name, &args.hook_path)
-                .with_hook_socket(&hook_socket),
+                .with_hook_socket(&socket_path),
             checkpoint: CheckpointStore::new(data_dir.join("checkpoint.json")),
         })
         .context("starting the node driver")?
@@ -118,9 +118,9 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     }
 
     let shutdown = CancellationToken::new();
-    let listener = hook::bind(&hook_socket)
-        .with_context(|| format!("binding the hook socket {}", hook_socket.display()))?;
-    let hook_task = tokio::spawn(hook::serve(
+    let listener = hook_socket::bind(&socket_path)
+        .with_context(|| format!("binding the hook socket {}", socket_path.display()))?;
+    let hook_task = tokio::spawn(hook_socket::serve(
         listener,
         driver.clone(),
         shutdown.clone().cancelled_owned(),
@@ -138,7 +138,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     let server = PluginServer::start(plugin, driver, shutdown.clone())
         .await
         .context("starting the kubelet plugin servers")?;
-    tracing::info!(hook = %hook_socket.display(), "serving");
+    tracing::info!(hook = %socket_path.display(), "serving");
 
     tokio::spawn(adapter_watch.run(adapters::RELIST_INTERVAL, shutdown.clone()));
     let tunnels = args.tunnel_address.map(|address| {
@@ -173,7 +173,7 @@ async fn run(args: PluginArgs) -> anyhow::Result<()> {
     if let Err(error) = hook_task.await {
         tracing::warn!(%error, "the hook server task failed");
     }
-    if let Err(error) = std::fs::remove_file(&hook_socket) {
+    if let Err(error) = std::fs::remove_file(&socket_path) {
         tracing::debug!(%error, "hook socket already gone");
     }
     served.context("the kubelet plugin servers failed")

@@ -29,11 +29,11 @@ use dra_kubeletplugin::driver::{
 };
 use tokio::sync::{Mutex, watch};
 
-use crate::hook::{AttachRequest, Attacher, Requester};
+use crate::claim_status::StatusWriter;
+use crate::hook_socket::{AttachRequest, Attacher, Requester};
 use crate::inventory::Inventory;
 use crate::plane::{DataPlane, PlaneError};
 use crate::shared_buses::CanBusReader;
-use crate::status::StatusWriter;
 use crate::{cdi::CdiWriter, checkpoint::CheckpointStore, claims::ClaimReader};
 
 pub mod attach;

@@ -14,7 +14,7 @@ use can_dra_api::{Bitrate, NodeConfig};
 use can_dra_cluster::naming::node_slice_name;
 use can_dra_doubles::apiserver::ApiServer;
 use can_dra_kubelet_plugin::adapters::{AdapterChange, AdapterWatch};
-use can_dra_kubelet_plugin::inventory::{ControllerState, Inventory, PhysicalController};
+use can_dra_kubelet_plugin::inventory::{CanState, Inventory, PhysicalController};
 use can_dra_kubelet_plugin::node::NodeDriver;
 use can_dra_kubelet_plugin::slices::SlicePublisher;
 use dra_kubeletplugin::driver::{ClaimRef, Driver, HealthStatus};
@@ -24,7 +24,7 @@ use serde_json::json;
 const NODE_CONFIG: &str =
     "apiVersion: can.dra.dev/v1alpha1\nkind: NodeConfig\nphysical:\n  slots: 2\n";
 
-fn controller(interface: &str, state: ControllerState) -> PhysicalController {
+fn controller(interface: &str, state: Option<CanState>) -> PhysicalController {
     PhysicalController {
         interface: interface.into(),
         controller: "gs_usb".into(),
@@ -37,7 +37,7 @@ fn controller(interface: &str, state: ControllerState) -> PhysicalController {
 }
 
 fn active(interface: &str) -> PhysicalController {
-    controller(interface, ControllerState::ErrorActive)
+    controller(interface, Some(CanState::ErrorActive))
 }
 
 struct Rig {
@@ -170,7 +170,7 @@ async fn a_state_change_republishes_once_and_turns_health() {
 
     let (changes, _) = rig
         .watch
-        .apply(vec![controller("can0", ControllerState::BusOff)])
+        .apply(vec![controller("can0", Some(CanState::BusOff))])
         .await
         .unwrap();
 
@@ -197,7 +197,7 @@ async fn a_state_change_republishes_once_and_turns_health() {
 
     // Down (a stopped controller) is unhealthy too; back up, healthy again.
     rig.watch
-        .apply(vec![controller("can0", ControllerState::Stopped)])
+        .apply(vec![controller("can0", Some(CanState::Stopped))])
         .await
         .unwrap();
     assert!(health_of(&rig.driver)[0].2.contains("down"));

@@ -9,9 +9,7 @@ use api_support::{DRIVER, NODE, server_with_node};
 use can_dra_api::Bitrate;
 use can_dra_cluster::publisher::PublishError;
 use can_dra_doubles::apiserver::FeatureGate;
-use can_dra_kubelet_plugin::inventory::{
-    ControllerState, Inventory, PhysicalController, VirtualBus,
-};
+use can_dra_kubelet_plugin::inventory::{CanState, Inventory, PhysicalController, VirtualBus};
 use can_dra_kubelet_plugin::slices::{SliceError, SlicePublisher};
 use k8s_openapi::api::resource::v1::{Device, ResourceSlice};
 use serde_json::json;
@@ -27,7 +25,7 @@ fn controller(interface: &str, slots: u32) -> PhysicalController {
         bitrate: Some(rate("500k")),
         data_bitrate: None,
         fd: false,
-        state: ControllerState::ErrorActive,
+        state: Some(CanState::ErrorActive),
         slots,
     }
 }
@@ -196,7 +194,7 @@ async fn a_state_change_bumps_the_pool_generation() {
     let publisher = SlicePublisher::new(client, DRIVER, NODE);
     publisher.publish(&small_inventory()).await.unwrap();
     let mut inventory = small_inventory();
-    inventory.physical[0].state = ControllerState::BusOff;
+    inventory.physical[0].state = Some(CanState::BusOff);
     server.clear_requests();
 
     let report = publisher.publish(&inventory).await.unwrap();
@@ -358,7 +356,7 @@ async fn a_conflicting_update_is_retried_from_a_fresh_list() {
     let publisher = SlicePublisher::new(client, DRIVER, NODE);
     publisher.publish(&small_inventory()).await.unwrap();
     let mut inventory = small_inventory();
-    inventory.physical[0].state = ControllerState::ErrorPassive;
+    inventory.physical[0].state = Some(CanState::ErrorPassive);
     server.inject_failure("PUT", SLICE_0, 409, 1);
     server.clear_requests();
 
@@ -388,7 +386,7 @@ async fn persistent_conflicts_and_server_errors_are_reported() {
     let publisher = SlicePublisher::new(client, DRIVER, NODE);
     publisher.publish(&small_inventory()).await.unwrap();
     let mut inventory = small_inventory();
-    inventory.physical[0].state = ControllerState::BusOff;
+    inventory.physical[0].state = Some(CanState::BusOff);
     server.inject_failure("PUT", SLICE_0, 409, 10);
     let err = publisher.publish(&inventory).await.unwrap_err();
     assert!(

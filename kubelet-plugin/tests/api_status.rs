@@ -6,8 +6,8 @@
 mod api_support;
 
 use api_support::{DRIVER, NODE, claim, result, result_for, server_with_node};
+use can_dra_kubelet_plugin::claim_status::{Cleared, DeviceReady, StatusWriter};
 use can_dra_kubelet_plugin::claims::ClaimRef;
-use can_dra_kubelet_plugin::status::{Cleared, DeviceReady, StatusWriter};
 use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, ResourceClaim};
 use serde_json::json;
 

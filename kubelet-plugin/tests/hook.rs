@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use can_dra_kubelet_plugin::hook::{self, AttachRequest, Attacher, Requester};
+use can_dra_kubelet_plugin::hook_socket::{self, AttachRequest, Attacher, Requester};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Default)]
@@ -47,12 +47,17 @@ struct Daemon {
 
 fn daemon(attacher: RecordingAttacher) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("plugin").join(hook::HOOK_SOCKET_NAME);
+    let socket = dir
+        .path()
+        .join("plugin")
+        .join(hook_socket::HOOK_SOCKET_NAME);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let attacher = Arc::new(attacher);
-    let listener = runtime.block_on(async { hook::bind(&socket) }).unwrap();
+    let listener = runtime
+        .block_on(async { hook_socket::bind(&socket) })
+        .unwrap();
     let served = attacher.clone();
-    runtime.spawn(hook::serve(listener, served, std::future::pending()));
+    runtime.spawn(hook_socket::serve(listener, served, std::future::pending()));
     Daemon {
         _dir: dir,
         socket,
@@ -99,9 +104,9 @@ fn a_valid_state_is_forwarded_and_the_hook_succeeds() {
     let deadline = requests[0]
         .deadline_unix_ms
         .expect("the hook sends its deadline");
-    let now = hook::unix_ms(std::time::SystemTime::now());
+    let now = hook_socket::unix_ms(std::time::SystemTime::now());
     assert!(
-        deadline > now && deadline <= now + hook::ATTACH_TIMEOUT.as_millis() as u64,
+        deadline > now && deadline <= now + hook_socket::ATTACH_TIMEOUT.as_millis() as u64,
         "deadline {deadline}, now {now}"
     );
     assert_eq!(
@@ -299,7 +304,7 @@ fn exchange(daemon: &Daemon, line: &str) -> serde_json::Value {
 #[test]
 fn an_expired_request_is_refused_without_attaching() {
     let daemon = daemon(RecordingAttacher::default());
-    let past = hook::unix_ms(std::time::SystemTime::now()) - 5_000;
+    let past = hook_socket::unix_ms(std::time::SystemTime::now()) - 5_000;
     let answer = exchange(
         &daemon,
         &format!(

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use api_support::{DRIVER, NODE, server_with_node};
-use can_dra_kubelet_plugin::hook::HOOK_SOCKET_NAME;
+use can_dra_kubelet_plugin::hook_socket::HOOK_SOCKET_NAME;
 use daemon_support::{Daemon, NodeDirs};
 use serde_json::json;
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use api_support::{NODE, claim, config, result, server_with_node};
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
+use can_dra_kubelet_plugin::hook_socket::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
 use can_dra_testkit::{
     Candump, Host, TestNetns, cangw_rules_uncounted, cansend, link_in, links_in,

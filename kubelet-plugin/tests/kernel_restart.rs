@@ -14,7 +14,7 @@ use std::path::Path;
 use api_support::{DRIVER, NODE, claim, config, result, server_with_node};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::hook::HOOK_SOCKET_NAME;
+use can_dra_kubelet_plugin::hook_socket::HOOK_SOCKET_NAME;
 use can_dra_kubelet_plugin::node::NodeState;
 use can_dra_proto::dra::v1::Claim;
 use daemon_support::{Daemon, NodeDirs};

@@ -16,7 +16,7 @@ use can_dra_doubles::apiserver::ApiServer;
 use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
-use can_dra_kubelet_plugin::hook::{AttachRequest, Attacher, Requester};
+use can_dra_kubelet_plugin::hook_socket::{AttachRequest, Attacher, Requester};
 use can_dra_kubelet_plugin::inventory::Inventory;
 use can_dra_kubelet_plugin::node::{NodeDriver, NodeParts, NodeState};
 use can_dra_proto::dra::v1::Claim;
@@ -398,7 +398,7 @@ async fn the_daemon_publishes_serves_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
-    use can_dra_kubelet_plugin::inventory::{ControllerState, PhysicalController};
+    use can_dra_kubelet_plugin::inventory::{CanState, PhysicalController};
     use dra_kubeletplugin::driver::{DeviceHealth, Driver, HealthStatus};
 
     let root = tempfile::tempdir().unwrap();
@@ -413,7 +413,7 @@ async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
         slots: 2,
     };
     let inventory = Inventory {
-        physical: vec![can0(ControllerState::ErrorActive)],
+        physical: vec![can0(Some(CanState::ErrorActive))],
         virtual_buses: Vec::new(),
     };
     let driver = NodeDriver::new(node_parts(root.path(), &client, inventory)).unwrap();
@@ -432,7 +432,7 @@ async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
     };
     assert_eq!(statuses(&health), all(HealthStatus::Healthy));
 
-    driver.update_controllers(&[can0(ControllerState::BusOff)]);
+    driver.update_controllers(&[can0(Some(CanState::BusOff))]);
     assert_eq!(statuses(&health), all(HealthStatus::Unhealthy));
     assert!(health.borrow()[0].message.contains("bus-off"));
 
@@ -440,7 +440,7 @@ async fn bus_off_or_unplugged_controllers_make_their_slots_unhealthy() {
     assert_eq!(statuses(&health), all(HealthStatus::Unhealthy));
     assert!(health.borrow()[0].message.contains("gone"));
 
-    driver.update_controllers(&[can0(ControllerState::ErrorWarning)]);
+    driver.update_controllers(&[can0(Some(CanState::ErrorWarning))]);
     assert_eq!(statuses(&health), all(HealthStatus::Healthy));
 }
 
@@ -562,7 +562,7 @@ async fn recover_without_attachments_on_a_host_without_can_leaves_the_kernel_alo
 
 #[test]
 fn a_node_with_can_controllers_counts_as_having_can() {
-    use can_dra_kubelet_plugin::inventory::{ControllerState, PhysicalController};
+    use can_dra_kubelet_plugin::inventory::{CanState, PhysicalController};
     use can_dra_kubelet_plugin::node::HostCan;
 
     let inventory = Inventory {
@@ -572,7 +572,7 @@ fn a_node_with_can_controllers_counts_as_having_can() {
             bitrate: Bitrate::from_bits_per_second(500_000),
             data_bitrate: None,
             fd: false,
-            state: ControllerState::ErrorActive,
+            state: Some(CanState::ErrorActive),
             slots: 1,
         }],
         virtual_buses: Vec::new(),

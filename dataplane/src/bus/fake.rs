@@ -10,7 +10,7 @@ use super::kernel::{
     AccessCounters, End, HostLink, Kernel, KernelError, KernelErrorKind, LinkKind, ObservedRule,
     PairRequest, PodLink, Rule,
 };
-use super::model::{AccessPolicy, NetnsRef, Shaping};
+use super::model::{MemberAccess, MemberShaping, NetnsRef};
 use crate::netns::NetnsId;
 
 /// The in-memory kernel. Start from [`FakeKernel::new`] (a host namespace with `lo`).
@@ -26,9 +26,9 @@ pub struct FakeKernel {
     /// The can-gw rules, in kernel order.
     pub rules: Vec<ObservedRule>,
     /// Shaping by end.
-    pub shaping: BTreeMap<String, Shaping>,
+    pub shaping: BTreeMap<String, MemberShaping>,
     /// Access policies by host end.
-    pub access: BTreeMap<String, AccessPolicy>,
+    pub access: BTreeMap<String, MemberAccess>,
     /// can-gw is not loaded: adding a rule fails as a missing module.
     pub gateway_missing: bool,
     /// Mutating calls so far.
@@ -321,12 +321,12 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    fn shaping(&mut self, end: &End) -> Result<Option<Shaping>, KernelError> {
+    fn shaping(&mut self, end: &End) -> Result<Option<MemberShaping>, KernelError> {
         let key = self.end_key(end)?;
         Ok(self.shaping.get(&key).copied())
     }
 
-    fn apply_shaping(&mut self, end: &End, shaping: &Shaping) -> Result<(), KernelError> {
+    fn apply_shaping(&mut self, end: &End, shaping: &MemberShaping) -> Result<(), KernelError> {
         self.mutate(&format!("shaping {end}"))?;
         let key = self.end_key(end)?;
         self.shaping.insert(key, *shaping);
@@ -340,11 +340,11 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    fn access(&mut self, host_name: &str) -> Result<Option<AccessPolicy>, KernelError> {
+    fn access(&mut self, host_name: &str) -> Result<Option<MemberAccess>, KernelError> {
         Ok(self.access.get(host_name).cloned())
     }
 
-    fn apply_access(&mut self, host_name: &str, policy: &AccessPolicy) -> Result<(), KernelError> {
+    fn apply_access(&mut self, host_name: &str, policy: &MemberAccess) -> Result<(), KernelError> {
         self.mutate(&format!("access policy on {host_name}"))?;
         self.access.insert(host_name.into(), policy.clone());
         Ok(())

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::model::{AccessPolicy, NetnsRef, Shaping};
+use super::model::{MemberAccess, MemberShaping, NetnsRef};
 use crate::netns::NetnsId;
 
 /// `CGW_FLAGS_CAN_ECHO`: the routed frame is also delivered to local sockets on the destination.
@@ -234,15 +234,15 @@ pub trait Kernel {
     /// Deletes the first can-gw rule with exactly these attributes.
     fn delete_rule(&mut self, rule: &ObservedRule) -> Result<(), KernelError>;
     /// The shaping in place on one end, as far as it can be read back.
-    fn shaping(&mut self, end: &End) -> Result<Option<Shaping>, KernelError>;
+    fn shaping(&mut self, end: &End) -> Result<Option<MemberShaping>, KernelError>;
     /// Installs or replaces shaping on one end.
-    fn apply_shaping(&mut self, end: &End, shaping: &Shaping) -> Result<(), KernelError>;
+    fn apply_shaping(&mut self, end: &End, shaping: &MemberShaping) -> Result<(), KernelError>;
     /// Removes the driver's shaping from one end (nothing to do is fine).
     fn clear_shaping(&mut self, end: &End) -> Result<(), KernelError>;
     /// The access policy in place on a host end, as far as it can be read back.
-    fn access(&mut self, host_name: &str) -> Result<Option<AccessPolicy>, KernelError>;
+    fn access(&mut self, host_name: &str) -> Result<Option<MemberAccess>, KernelError>;
     /// Installs or replaces the access policy on a host end.
-    fn apply_access(&mut self, host_name: &str, policy: &AccessPolicy) -> Result<(), KernelError>;
+    fn apply_access(&mut self, host_name: &str, policy: &MemberAccess) -> Result<(), KernelError>;
     /// Removes the access policy from a host end (nothing to do is fine).
     fn clear_access(&mut self, host_name: &str) -> Result<(), KernelError>;
     /// Drop counters of the access policy on a host end.

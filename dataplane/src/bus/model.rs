@@ -119,10 +119,11 @@ pub struct CanFilter {
     pub invert: bool,
 }
 
-/// How one direction of a member's link is shaped.
+/// How one direction of a member's link is shaped, as desired state. Its netlink form is
+/// [`crate::shaping::Shaping`]; the one conversion between the two is in [`super::system`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Shaping {
+pub struct MemberShaping {
     /// Emulated bus bitrate in bit/s (converted to a byte rate per frame kind by the shaping
     /// module); `None` leaves the rate unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,7 +145,7 @@ pub struct Shaping {
     pub duplicate_ppm: u32,
 }
 
-impl Shaping {
+impl MemberShaping {
     /// Whether this shaping changes nothing (so no qdisc is needed).
     pub fn is_neutral(&self) -> bool {
         *self == Self::default()
@@ -176,10 +177,10 @@ pub struct MemberSpec {
     pub receive_filters: Vec<CanFilter>,
     /// Shaping of frames delivered to the member (applied on the host end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_shaping: Option<Shaping>,
+    pub rx_shaping: Option<MemberShaping>,
     /// Shaping of frames the member sends (applied on the member's end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_shaping: Option<Shaping>,
+    pub tx_shaping: Option<MemberShaping>,
 }
 
 impl MemberSpec {
@@ -211,7 +212,7 @@ impl MemberSpec {
     /// The access policy the host end needs, or `None` when the member is unrestricted. The
     /// policy is in canonical form (sorted, no duplicates, no allow-list when listen-only), the
     /// form the kernel state reads back as.
-    pub fn access_policy(&self) -> Option<AccessPolicy> {
+    pub fn access_policy(&self) -> Option<MemberAccess> {
         let canonical = |filters: &[CanFilter]| {
             let mut filters = filters.to_vec();
             filters.sort_unstable();
@@ -219,7 +220,7 @@ impl MemberSpec {
             filters
         };
         let listen_only = self.access == Access::ListenOnly;
-        let policy = AccessPolicy {
+        let policy = MemberAccess {
             listen_only,
             transmit_allow: if listen_only {
                 Vec::new()
@@ -232,12 +233,12 @@ impl MemberSpec {
     }
 
     /// Shaping that actually changes something, per direction.
-    pub fn effective_rx_shaping(&self) -> Option<Shaping> {
+    pub fn effective_rx_shaping(&self) -> Option<MemberShaping> {
         self.rx_shaping.filter(|shape| !shape.is_neutral())
     }
 
     /// Shaping that actually changes something, per direction.
-    pub fn effective_tx_shaping(&self) -> Option<Shaping> {
+    pub fn effective_tx_shaping(&self) -> Option<MemberShaping> {
         self.tx_shaping.filter(|shape| !shape.is_neutral())
     }
 }
@@ -247,10 +248,11 @@ pub const CAN_MTU: u32 = 16;
 /// `CANFD_MTU`: the size of a `canfd_frame`.
 pub const CANFD_MTU: u32 = 72;
 
-/// What the access module enforces on a member's host end.
+/// The access a member's host end must enforce, as desired state. Its netlink form is
+/// [`crate::access::AccessPolicy`]; the one conversion between the two is in [`super::system`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct AccessPolicy {
+pub struct MemberAccess {
     /// Drop (and count) everything the member sends.
     pub listen_only: bool,
     /// Frames the member may send; empty allows everything.
@@ -259,7 +261,7 @@ pub struct AccessPolicy {
     pub receive_filters: Vec<CanFilter>,
 }
 
-impl AccessPolicy {
+impl MemberAccess {
     /// Whether the policy restricts nothing (so no classifier is needed).
     pub fn is_open(&self) -> bool {
         !self.listen_only && self.transmit_allow.is_empty() && self.receive_filters.is_empty()
@@ -280,10 +282,10 @@ mod tests {
             extended: false,
             invert: false,
         });
-        member.rx_shaping = Some(Shaping {
+        member.rx_shaping = Some(MemberShaping {
             bitrate: Some(500_000),
             delay_us: 1000,
-            ..Shaping::default()
+            ..MemberShaping::default()
         });
         let mut bus = BusSpec::new("body");
         bus.fd = true;
@@ -313,7 +315,7 @@ mod tests {
     #[test]
     fn neutral_shaping_is_dropped() {
         let mut member = MemberSpec::new("m", NetnsRef::Pid(1), "can0");
-        member.rx_shaping = Some(Shaping::default());
+        member.rx_shaping = Some(MemberShaping::default());
         assert_eq!(member.effective_rx_shaping(), None);
         assert_eq!(member.mtu(), 16);
         member.fd = true;

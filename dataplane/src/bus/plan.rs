@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::BusError;
 use super::kernel::{FLAG_ECHO, FLAG_FD, FLAG_IIF_TX_OK, HostLink, LinkKind, Rule};
 use super::model::{BusSpec, CanFilter, DesiredState, MemberSpec};
-use super::naming::{check_interface_name, host_name, is_owned};
+use super::naming::{host_name, is_owned};
+use crate::link;
 
 /// The part an endpoint plays in a bus.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -183,7 +184,7 @@ pub fn validate(state: &DesiredState) -> Result<(), BusError> {
                 return Err(BusError::InvalidInterfaceName {
                     owner: format!("bus {}", bus.name),
                     name: external.clone(),
-                    reason: "is a member link of this driver",
+                    reason: "the name of a member link of this driver",
                 });
             }
             if let Some(other) = externals.insert(external, &bus.name) {
@@ -252,6 +253,11 @@ fn check_filter(filter: &CanFilter) -> Result<(), &'static str> {
         return Err("mask does not fit the identifier width");
     }
     Ok(())
+}
+
+/// The kernel's rule for link names ([`link::name_problem`]), as the reason of a [`BusError`].
+fn check_interface_name(name: &str) -> Result<(), &'static str> {
+    link::name_problem(name).map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

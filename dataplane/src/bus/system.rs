@@ -17,7 +17,7 @@ use super::kernel::{
     AccessCounters, End, FLAG_ECHO, FLAG_FD, FLAG_IIF_TX_OK, HostLink, Kernel, KernelError,
     KernelErrorKind, LinkKind, ObservedRule, PairRequest, PodLink, Rule,
 };
-use super::model::{AccessPolicy, CANFD_MTU, CanFilter, NetnsRef, Shaping};
+use super::model::{CANFD_MTU, CanFilter, MemberAccess, MemberShaping, NetnsRef};
 
 /// The hop limit put on every mesh rule: a routed frame is never routed again, whatever
 /// `max_hops` the can-gw module was loaded with, so echoes on a `vcan` cannot become copies.
@@ -232,7 +232,7 @@ impl Kernel for SystemKernel {
         gateway::delete(&mut self.gateway, &exact).map_err(|e| gateway_error(&operation, e))
     }
 
-    fn shaping(&mut self, end: &End) -> Result<Option<Shaping>, KernelError> {
+    fn shaping(&mut self, end: &End) -> Result<Option<MemberShaping>, KernelError> {
         let operation = format!("reading shaping on {end}");
         let (mut socket, ifindex) = self.end_socket(end, &operation)?;
         let socket = socket.as_mut().unwrap_or(&mut self.gateway);
@@ -240,15 +240,15 @@ impl Kernel for SystemKernel {
             Ok(found) => Ok(found.map(|found| from_shaping(&found))),
             // Someone else's qdisc under our handle: report something no spec equals, so the
             // caller replaces (or clears) it.
-            Err(shaping::ShapingError::Unrecognised { .. }) => Ok(Some(Shaping {
+            Err(shaping::ShapingError::Unrecognised { .. }) => Ok(Some(MemberShaping {
                 bitrate: Some(0),
-                ..Shaping::default()
+                ..MemberShaping::default()
             })),
             Err(error) => Err(shaping_error(&operation, error)),
         }
     }
 
-    fn apply_shaping(&mut self, end: &End, wanted: &Shaping) -> Result<(), KernelError> {
+    fn apply_shaping(&mut self, end: &End, wanted: &MemberShaping) -> Result<(), KernelError> {
         let operation = format!("shaping {end}");
         let (mut socket, ifindex) = self.end_socket(end, &operation)?;
         let socket = socket.as_mut().unwrap_or(&mut self.gateway);
@@ -263,19 +263,19 @@ impl Kernel for SystemKernel {
         shaping::clear(socket, ifindex).map_err(|error| shaping_error(&operation, error))
     }
 
-    fn access(&mut self, host_name: &str) -> Result<Option<AccessPolicy>, KernelError> {
+    fn access(&mut self, host_name: &str) -> Result<Option<MemberAccess>, KernelError> {
         let operation = format!("reading the access policy of {host_name}");
         let ifindex = self.host_index(host_name, &operation)?;
         match access::read(&mut self.gateway, ifindex) {
             Ok(found) => Ok(from_access(&found)),
             // Filters in a shape the access module does not build: report the open policy,
             // which no member asks for explicitly, so the caller replaces or clears them.
-            Err(access::AccessError::Unrecognised { .. }) => Ok(Some(AccessPolicy::default())),
+            Err(access::AccessError::Unrecognised { .. }) => Ok(Some(MemberAccess::default())),
             Err(error) => Err(access_error(&operation, error)),
         }
     }
 
-    fn apply_access(&mut self, host_name: &str, policy: &AccessPolicy) -> Result<(), KernelError> {
+    fn apply_access(&mut self, host_name: &str, policy: &MemberAccess) -> Result<(), KernelError> {
         let operation = format!("installing the access policy of {host_name}");
         let ifindex = self.host_index(host_name, &operation)?;
         access::apply(&mut self.gateway, ifindex, &to_access(policy))
@@ -360,7 +360,7 @@ fn access_error(operation: &str, error: access::AccessError) -> KernelError {
 }
 
 /// The shaping module's spec for a member's shaping (default queue limit).
-pub fn to_shaping(wanted: &Shaping) -> shaping::Shaping {
+pub fn to_shaping(wanted: &MemberShaping) -> shaping::Shaping {
     shaping::Shaping {
         bitrate: wanted.bitrate,
         data_bitrate: wanted.data_bitrate,
@@ -377,8 +377,8 @@ fn micros(duration: Duration) -> u32 {
 }
 
 /// A member shaping from what the shaping module read back.
-pub fn from_shaping(found: &shaping::Shaping) -> Shaping {
-    Shaping {
+pub fn from_shaping(found: &shaping::Shaping) -> MemberShaping {
+    MemberShaping {
         bitrate: found.bitrate,
         data_bitrate: found.data_bitrate,
         delay_us: micros(found.delay),
@@ -407,7 +407,7 @@ fn from_match(entry: &access::CanMatch) -> CanFilter {
 }
 
 /// The access module's policy for a member's policy.
-pub fn to_access(policy: &AccessPolicy) -> access::AccessPolicy {
+pub fn to_access(policy: &MemberAccess) -> access::AccessPolicy {
     let transmit = if policy.listen_only {
         access::TxPolicy::Nothing
     } else if policy.transmit_allow.is_empty() {
@@ -421,7 +421,7 @@ pub fn to_access(policy: &AccessPolicy) -> access::AccessPolicy {
 }
 
 /// A member policy from what the access module read back (`None` when unrestricted).
-pub fn from_access(found: &access::AccessPolicy) -> Option<AccessPolicy> {
+pub fn from_access(found: &access::AccessPolicy) -> Option<MemberAccess> {
     let found = found.normalized();
     let (listen_only, transmit_allow) = match &found.transmit {
         access::TxPolicy::All => (false, Vec::new()),
@@ -435,7 +435,7 @@ pub fn from_access(found: &access::AccessPolicy) -> Option<AccessPolicy> {
         .iter()
         .map(from_match)
         .collect();
-    let policy = AccessPolicy {
+    let policy = MemberAccess {
         listen_only,
         transmit_allow,
         receive_filters,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::fake::FakeKernel;
 use super::kernel::{FLAG_ECHO, FLAG_FD, FLAG_IIF_TX_OK, LinkKind};
-use super::model::{Access, BusSpec, CanFilter, DesiredState, MemberSpec, NetnsRef, Shaping};
+use super::model::{Access, BusSpec, CanFilter, DesiredState, MemberShaping, MemberSpec, NetnsRef};
 use super::naming::host_name;
 use super::{BusError, Buses};
 
@@ -285,6 +285,12 @@ fn bad_input_is_refused_before_anything_is_created() {
         matches!(error, BusError::InvalidInterfaceName { .. }),
         "{error}"
     );
+    // A numbering template, which the kernel would expand instead of using: refused by the plan
+    // with the link module's reason, before any link is created.
+    let error = buses
+        .join("b", MemberSpec::new("t", ns("a"), "can%d"))
+        .unwrap_err();
+    assert!(error.to_string().contains("contains '%'"), "{error}");
     // An unknown bus, and an unknown physical interface.
     assert!(matches!(
         buses.join("nope", member("z")),
@@ -377,13 +383,13 @@ fn shaping_goes_on_the_host_end_for_rx_and_the_pod_end_for_tx() {
     let mut buses = Buses::new(kernel_with(&["a"]));
     buses.add_bus(BusSpec::new("b")).unwrap();
     let mut a = member("a");
-    let rx = Shaping {
+    let rx = MemberShaping {
         bitrate: Some(125_000),
-        ..Shaping::default()
+        ..MemberShaping::default()
     };
-    let tx = Shaping {
+    let tx = MemberShaping {
         delay_us: 2000,
-        ..Shaping::default()
+        ..MemberShaping::default()
     };
     a.rx_shaping = Some(rx);
     a.tx_shaping = Some(tx);
@@ -514,9 +520,9 @@ fn reconcile_applies_changed_shaping_and_access_and_clears_removed_ones() {
     let ids = ["a", "b"];
     let mut buses = Buses::new(kernel_with(&ids));
     let mut state = desired(&ids, None);
-    state.buses[0].members[0].rx_shaping = Some(Shaping {
+    state.buses[0].members[0].rx_shaping = Some(MemberShaping {
         loss_ppm: 10_000,
-        ..Shaping::default()
+        ..MemberShaping::default()
     });
     buses.reconcile(state.clone()).unwrap();
     assert_eq!(buses.kernel_mut().shaping.len(), 1);
@@ -566,9 +572,9 @@ fn removing_a_bus_leaves_the_kernel_as_it_was() {
     bus.physical = Some("vcan0".into());
     bus.members = ids.iter().map(|id| member(id)).collect();
     bus.members[0].access = Access::ListenOnly;
-    bus.members[1].rx_shaping = Some(Shaping {
+    bus.members[1].rx_shaping = Some(MemberShaping {
         delay_us: 5,
-        ..Shaping::default()
+        ..MemberShaping::default()
     });
     buses.add_bus(bus).unwrap();
     assert_eq!(buses.kernel_mut().rules.len(), 9);

@@ -9,9 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use can_dra_cluster::canbus::{CanBus, CanBusSpec};
-use can_dra_kubelet_plugin::inventory::{
-    ControllerState, Inventory, PhysicalController, VirtualBus,
-};
+use can_dra_kubelet_plugin::inventory::{CanState, Inventory, PhysicalController, VirtualBus};
 use k8s_openapi::api::resource::v1::Device;
 
 /// The driver name of the examples and the chart's defaults.
@@ -272,9 +270,9 @@ pub fn sample_devices() -> Vec<(&'static str, Device)> {
         data_bitrate: fd.then(|| rate("2M")),
         fd,
         state: if fd {
-            ControllerState::ErrorActive
+            Some(CanState::ErrorActive)
         } else {
-            ControllerState::Unknown
+            None
         },
         slots: 2,
     };

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 
-use can_dra_kubelet_plugin::hook::{self, AttachRequest, HookError, OciState, escape_controls};
+use can_dra_kubelet_plugin::hook_socket::{
+    self, AttachRequest, HookError, OciState, escape_controls,
+};
 
 /// Attach a can-dra bus member to the container described by the OCI state on stdin.
 #[derive(Debug, Parser)]
@@ -41,7 +43,7 @@ struct HookArgs {
     socket: PathBuf,
 
     /// Seconds the whole run may take: reading the OCI state and waiting for the daemon.
-    #[arg(long, default_value_t = hook::ATTACH_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = hook_socket::ATTACH_TIMEOUT.as_secs())]
     timeout: u64,
 }
 
@@ -85,14 +87,14 @@ fn run(args: &HookArgs) -> Result<String, HookError> {
         device: args.device.clone(),
         pid: state.process_id()?,
         container_id: state.id.clone(),
-        deadline_unix_ms: Some(hook::unix_ms(deadline)),
+        deadline_unix_ms: Some(hook_socket::unix_ms(deadline)),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let left = timeout.saturating_sub(started.elapsed());
     let response = runtime
-        .block_on(hook::request_attach(&args.socket, &request, left))
+        .block_on(hook_socket::request_attach(&args.socket, &request, left))
         .map_err(|error| match error {
             // Name the whole budget, not what was left of it.
             HookError::Timeout(_) => HookError::Timeout(timeout),

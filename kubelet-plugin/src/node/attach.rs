@@ -11,7 +11,7 @@ use super::NodeDriver;
 use super::namespace::NamespaceOpener;
 use super::state::{Attachment, member_id};
 use crate::checkpoint::CheckpointError;
-use crate::hook::{AttachRequest, Requester};
+use crate::hook_socket::{AttachRequest, Requester};
 use crate::plane::PlaneError;
 
 /// Why a member was not attached. The hook hands the message to the container runtime, which

@@ -8,7 +8,7 @@
 //! plane's model does.
 
 use can_dra_api::{FrameFormat, ResolvedMember, ShapingDirection};
-use can_dra_dataplane::bus::model::{Access, CanFilter, MemberSpec, NetnsRef, Shaping};
+use can_dra_dataplane::bus::model::{Access, CanFilter, MemberShaping, MemberSpec, NetnsRef};
 use serde::{Deserialize, Serialize};
 
 /// A [`MemberSpec`] without its id and namespace.
@@ -29,10 +29,10 @@ pub struct MemberParams {
     pub receive_filters: Vec<CanFilter>,
     /// Shaping towards the pod.
     #[serde(default)]
-    pub rx_shaping: Option<Shaping>,
+    pub rx_shaping: Option<MemberShaping>,
     /// Shaping of what the pod sends.
     #[serde(default)]
-    pub tx_shaping: Option<Shaping>,
+    pub tx_shaping: Option<MemberShaping>,
 }
 
 impl MemberParams {
@@ -102,9 +102,9 @@ impl MemberParams {
 }
 
 /// The data plane's shaping of one direction; `None` when it changes nothing.
-fn shaping(direction: &ShapingDirection) -> Option<Shaping> {
+fn shaping(direction: &ShapingDirection) -> Option<MemberShaping> {
     let micros = |d: std::time::Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-    let shaping = Shaping {
+    let shaping = MemberShaping {
         bitrate: direction.bitrate.map(|b| b.bits_per_second()),
         data_bitrate: direction.data_bitrate.map(|b| b.bits_per_second()),
         delay_us: micros(direction.delay),

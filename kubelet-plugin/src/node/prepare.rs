@@ -13,9 +13,9 @@ use super::state::{NodeState, PreparedClaim, PreparedMember, main_request};
 use super::topology::SlotInfo;
 use crate::cdi::{CdiError, ClaimDevice};
 use crate::checkpoint::CheckpointError;
+use crate::claim_status::DeviceReady;
 use crate::claims::ClaimError;
 use crate::shared_buses::CanBusError;
-use crate::status::DeviceReady;
 
 /// Why a claim could not be prepared. Each message names the claim (except a claim that cannot
 /// be read, whose error names it already).

@@ -11,7 +11,7 @@ use dra_kubeletplugin::driver::{DeviceHealth, HealthStatus};
 use super::state::{NodeState, PreparedMember};
 use super::{NodeDriver, NodeError};
 use crate::claims::KnownDevices;
-use crate::inventory::{ControllerState, Inventory, PhysicalController, SlotBus};
+use crate::inventory::{Inventory, PhysicalController, SlotBus};
 use crate::shared_buses::CanBusReader;
 
 /// A physical controller as the inventory publishes it, from what netlink reports (a link
@@ -26,15 +26,13 @@ pub fn physical_controller(found: &CanController) -> PhysicalController {
         fd: found.fd,
         // A link that is administratively down carries no frames whatever its kind; vcan
         // stand-ins report no CAN state at all, so this is their only state.
-        state: match found.state {
-            _ if !found.up => ControllerState::Stopped,
-            Some(CanState::ErrorActive) => ControllerState::ErrorActive,
-            Some(CanState::ErrorWarning) => ControllerState::ErrorWarning,
-            Some(CanState::ErrorPassive) => ControllerState::ErrorPassive,
-            Some(CanState::BusOff) => ControllerState::BusOff,
-            Some(CanState::Stopped) => ControllerState::Stopped,
-            Some(CanState::Sleeping) => ControllerState::Sleeping,
-            Some(CanState::Other(_)) | None => ControllerState::Unknown,
+        // A state the data plane does not know is published like no state at all.
+        state: if found.up {
+            found
+                .state
+                .filter(|state| !matches!(state, CanState::Other(_)))
+        } else {
+            Some(CanState::Stopped)
         },
         slots: 0,
     }
@@ -239,11 +237,11 @@ impl<K: Kernel, N> NodeDriver<K, N> {
                             HealthStatus::Unhealthy,
                             format!("controller {interface} is gone"),
                         ),
-                        Some(c) if c.state == ControllerState::BusOff => (
+                        Some(c) if c.state == Some(CanState::BusOff) => (
                             HealthStatus::Unhealthy,
                             format!("controller {interface} is bus-off"),
                         ),
-                        Some(c) if c.state == ControllerState::Stopped => (
+                        Some(c) if c.state == Some(CanState::Stopped) => (
                             HealthStatus::Unhealthy,
                             format!("controller {interface} is down"),
                         ),

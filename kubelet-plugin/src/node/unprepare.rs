@@ -9,8 +9,8 @@ use super::namespace::NamespaceOpener;
 use super::state::{NodeState, member_id};
 use crate::cdi::CdiError;
 use crate::checkpoint::CheckpointError;
+use crate::claim_status::StatusError;
 use crate::plane::PlaneError;
-use crate::status::StatusError;
 
 /// Why a claim could not be unprepared; the kubelet retries.
 #[derive(Debug, thiserror::Error)]

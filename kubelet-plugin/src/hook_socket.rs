@@ -86,10 +86,10 @@ impl OciState {
     /// Parses the OCI state and checks the fields the hook relies on.
     ///
     /// ```
-    /// use can_dra_kubelet_plugin::hook::OciState;
+    /// use can_dra_kubelet_plugin::hook_socket::OciState;
     /// let state = OciState::parse(br#"{"ociVersion":"1.2.0","id":"c1","status":"creating","pid":4242,"bundle":"/b"}"#)?;
     /// assert_eq!(state.process_id()?, 4242);
-    /// # Ok::<(), can_dra_kubelet_plugin::hook::HookError>(())
+    /// # Ok::<(), can_dra_kubelet_plugin::hook_socket::HookError>(())
     /// ```
     pub fn parse(bytes: &[u8]) -> Result<Self, HookError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -159,7 +159,7 @@ impl AttachRequest {
 /// `value` with every control character escaped (`\n`, `\u{1b}`, ...), for logs and messages.
 ///
 /// ```
-/// use can_dra_kubelet_plugin::hook::escape_controls;
+/// use can_dra_kubelet_plugin::hook_socket::escape_controls;
 /// assert_eq!(escape_controls("ctr-1"), "ctr-1");
 /// assert_eq!(escape_controls("a\nb\x1b"), "a\\nb\\u{1b}");
 /// ```
