@@ -42,10 +42,5 @@ pub mod shared_buses;
 pub mod slices;
 pub mod tunnels;
 
-/// The claim status module under its former name, for callers not yet moved to
-/// [`claim_status`].
-#[doc(hidden)]
-pub use claim_status as status;
-
 /// The default driver name; every other name (CDI kind, API group) derives from it.
 pub const DEFAULT_DRIVER_NAME: &str = "can.dra.dev";

@@ -9,12 +9,12 @@ use std::path::Path;
 use can_dra_api::Bitrate;
 use can_dra_kubelet_plugin::cdi::CdiWriter;
 use can_dra_kubelet_plugin::checkpoint::CheckpointStore;
+use can_dra_kubelet_plugin::claim_status::StatusWriter;
 use can_dra_kubelet_plugin::claims::ClaimReader;
 use can_dra_kubelet_plugin::inventory::{Inventory, VirtualBus};
 use can_dra_kubelet_plugin::node::{
     Attachment, MemberParams, NodeParts, PreparedClaim, PreparedMember,
 };
-use can_dra_kubelet_plugin::status::StatusWriter;
 
 pub use crate::api_support::{DRIVER, NODE};
 
