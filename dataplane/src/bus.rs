@@ -9,6 +9,8 @@
 //! - [`system`]: its implementation over the `link`, `gateway`, `shaping` and `access` modules.
 //! - [`manager`]: [`Buses`], which joins and removes members and buses at run time, undoing
 //!   partial work on failure, and reads per-member counters.
+//! - [`tunnel_pair`]: the vxcan pairs that join a cross-node bus to its tunnel, created,
+//!   attached and deleted through [`Buses`] with the same undo on failure.
 //! - [`reconcile`]: brings the kernel in line with a desired state after a restart.
 //! - `fake` (feature `fake`, and in this crate's tests): an in-memory [`Kernel`](kernel::Kernel)
 //!   for unit tests, with a mutation counter and an injectable failure.
@@ -22,6 +24,7 @@ pub mod naming;
 pub mod plan;
 pub mod reconcile;
 pub mod system;
+pub mod tunnel_pair;
 
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
