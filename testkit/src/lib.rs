@@ -6,6 +6,8 @@
 //! - [`candump`]: capture frames with `candump -L` and parse them; send with `cansend`.
 //! - [`observe`]: what iproute2 and can-utils report (`ip -d -j link`, `cangw -L`, `tc -s -j`),
 //!   parsed into small structs.
+//! - [`daemon`]: the node daemon binary as a child process with its directories and log, for
+//!   the demo and the tests that run it.
 //! - [`podman`]: podman + crun with private storage and configuration, as a real CDI consumer,
 //!   and its containers as places to run the observers.
 //!
@@ -17,6 +19,7 @@
 
 pub mod candump;
 pub mod command;
+pub mod daemon;
 pub mod namespace;
 pub mod observe;
 pub mod podman;
