@@ -1,4 +1,5 @@
-//! Test support for can-dra's kernel tests.
+//! Test support for can-dra's kernel tests, and the node daemon launcher the demo shares with
+//! the tests.
 //!
 //! It owns the fixtures and the independent observers those tests rely on:
 //! - [`namespace`]: throw-away network namespaces ([`TestNetns`]) removed on drop, and a way to
