@@ -10,6 +10,8 @@
 //!   with the one conversion each between the model's types and theirs.
 //! - [`manager`]: [`Buses`], which joins and removes members and buses at run time, undoing
 //!   partial work on failure, and reads per-member counters.
+//! - [`tunnel_pair`]: the vxcan pairs that join a cross-node bus to its tunnel, created,
+//!   attached and deleted through [`Buses`] with the same undo on failure.
 //! - [`reconcile`]: brings the kernel in line with a desired state after a restart.
 //! - `fake` (feature `fake`, and in this crate's tests): an in-memory [`Kernel`](kernel::Kernel)
 //!   for unit tests, with a mutation counter and an injectable failure.
@@ -23,6 +25,7 @@ pub mod naming;
 pub mod plan;
 pub mod reconcile;
 pub mod system;
+pub mod tunnel_pair;
 
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;

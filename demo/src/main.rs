@@ -20,7 +20,6 @@
 //! ```
 
 mod cluster;
-mod daemon;
 mod namespaces;
 mod runtime;
 mod snapshot;
@@ -38,11 +37,12 @@ use can_dra_dataplane::netns::Netns;
 use can_dra_doubles::apiserver::ApiServer;
 use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
 use can_dra_proto::dra::v1::Claim;
+use can_dra_testkit::daemon::{Daemon, DaemonArgs};
 use clap::{Parser, Subcommand};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use cluster::{CONTROLLER, DRIVER, NAMESPACE, NODE, PodClaim};
-use daemon::{Daemon, DaemonPaths};
 use namespaces::{DemoNetns, PodProcess};
 use snapshot::KernelSnapshot;
 use traffic::Seen;
@@ -167,7 +167,8 @@ impl Pod {
 /// Everything the demo runs, torn down in reverse order when dropped (also on failure).
 struct Demo<'a> {
     tokio: &'a tokio::runtime::Runtime,
-    paths: DaemonPaths,
+    paths: DaemonArgs,
+    daemon_log: PathBuf,
     plugin: PathBuf,
     // Field order is drop order: pods and the daemon go before the wire and the API server.
     pods: Vec<Pod>,
@@ -215,14 +216,15 @@ impl<'a> Demo<'a> {
             );
         }
 
-        let paths = DaemonPaths {
+        let paths = DaemonArgs {
+            node: NODE.to_owned(),
+            driver: None,
             kubeconfig: root.join("kubeconfig"),
             config: root.join("node-config.yaml"),
             registrar_dir: root.join("kubelet/plugins_registry"),
             plugins_dir: root.join("kubelet/plugins"),
             cdi_dir: root.join("cdi"),
             hook: hook.to_path_buf(),
-            log: root.join("daemon.log"),
         };
         for dir in [&paths.registrar_dir, &paths.plugins_dir, &paths.cdi_dir] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -232,6 +234,7 @@ impl<'a> Demo<'a> {
         Ok(Self {
             tokio,
             paths,
+            daemon_log: root.join("daemon.log"),
             plugin: plugin.to_path_buf(),
             pods: claims
                 .into_iter()
@@ -281,19 +284,16 @@ impl<'a> Demo<'a> {
             self.paths.cdi_dir.display(),
             self.paths.hook.display()
         );
-        let daemon = self
-            .daemon
-            .insert(Daemon::start(&self.plugin, NODE, &self.paths)?);
+        // The log is a file, read by people: no colour codes.
+        let env = [("RUST_LOG", "info"), ("NO_COLOR", "1")];
+        let daemon = self.daemon.insert(
+            Daemon::spawn(&self.plugin, &self.paths, &env, &self.daemon_log)
+                .context("starting the daemon")?,
+        );
         let started = Instant::now();
-        while kubelet.registration_sockets()?.is_empty() {
-            daemon.check_running()?;
-            if started.elapsed() > REGISTRATION_TIMEOUT {
-                bail!(
-                    "the daemon did not create its registration socket within {REGISTRATION_TIMEOUT:?}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        daemon
+            .wait_for_socket(&self.paths.registrar_dir, REGISTRATION_TIMEOUT)
+            .context("waiting for the daemon's registration socket")?;
         step(
             "the kubelet (a TEST DOUBLE, over the daemon's real sockets): GetInfo, NotifyRegistrationStatus",
         );
@@ -304,7 +304,9 @@ impl<'a> Demo<'a> {
                 Ok(plugin) => break plugin,
                 Err(error) if started.elapsed() < REGISTRATION_TIMEOUT => {
                     println!("    registration attempt failed ({error}); trying again");
-                    daemon.check_running()?;
+                    if let Some(status) = daemon.exited()? {
+                        bail!("the daemon exited ({status})");
+                    }
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(error) => return Err(error.into()),
@@ -680,7 +682,7 @@ impl<'a> Demo<'a> {
             .as_mut()
             .ok_or_else(|| anyhow!("the daemon is not running"))?;
         let started = Instant::now();
-        let status = daemon.terminate(Duration::from_secs(20))?;
+        let status = daemon.stop(Signal::SIGTERM, Duration::from_secs(20))?;
         let sockets = [
             plugin.registration_socket.clone(),
             PathBuf::from(&plugin.info.endpoint),

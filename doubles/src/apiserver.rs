@@ -68,6 +68,7 @@
 mod documents;
 mod events;
 mod failure;
+mod fields;
 pub mod gates;
 pub mod rbac;
 mod routes;
@@ -88,8 +89,7 @@ use tokio::task::JoinHandle;
 
 pub use gates::FeatureGate;
 pub use rbac::{RbacError, RbacPolicy, User};
-use routes::{Shared, lock};
-use store::Store;
+use store::{Shared, Store, lock};
 
 /// One REST call the double serves, with the RBAC terms that authorise it on a real cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -575,5 +575,43 @@ impl Drop for ApiServer {
         // Open watches are streams of their own; end them with the server.
         lock(&self.shared).events.close();
         self.task.abort();
+    }
+}
+
+impl ApiServer {
+    /// Turns authentication and RBAC on with `policy` (see [`rbac`]): from now on every
+    /// request needs a token registered with [`add_token`](Self::add_token) (or is anonymous) and
+    /// a bound rule that allows it. Calling it again replaces the policy.
+    pub fn enable_rbac(&self, policy: RbacPolicy) {
+        lock(&self.shared).rbac.policy = Some(policy);
+    }
+
+    /// Makes bearer token `token` authenticate as `user`, e.g.
+    /// `User::service_account("can-dra", "can-dra-kubelet-plugin").on_node("node-a")`.
+    pub fn add_token(&self, token: &str, user: User) {
+        lock(&self.shared)
+            .rbac
+            .tokens
+            .insert(token.to_owned(), user);
+    }
+
+    /// Serves as Kubernetes `1.<minor>` (1.34 until set): from 1.36 on, writes of
+    /// `status.devices` are authorized per driver on `resourceclaims/driver` (with RBAC on).
+    pub fn set_minor_version(&self, minor: u32) {
+        lock(&self.shared).rbac.minor = minor;
+    }
+}
+
+impl ApiServer {
+    /// Turns `gate` on or off, overriding its default for the served minor version (see
+    /// [`gates`]). Takes effect from the next request.
+    pub fn set_feature_gate(&self, gate: FeatureGate, enabled: bool) {
+        lock(&self.shared).gates.overrides.insert(gate, enabled);
+    }
+
+    /// Whether `gate` is on now (its override, else its default for the served minor version).
+    pub fn feature_gate(&self, gate: FeatureGate) -> bool {
+        let store = lock(&self.shared);
+        store.gates.gate(store.rbac.minor(), gate)
     }
 }

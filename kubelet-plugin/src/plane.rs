@@ -11,9 +11,8 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use can_dra_dataplane::bus::kernel::{Kernel, KernelError, PairRequest};
-use can_dra_dataplane::bus::model::{BusSpec, CAN_MTU, CANFD_MTU, DesiredState, NetnsRef};
-use can_dra_dataplane::bus::naming::{host_name, is_owned, is_tunnel_link};
+use can_dra_dataplane::bus::kernel::{Kernel, KernelError};
+use can_dra_dataplane::bus::model::{BusSpec, DesiredState};
 use can_dra_dataplane::bus::system::SystemKernel;
 use can_dra_dataplane::bus::{BusError, Buses, ReconcileReport};
 
@@ -124,7 +123,7 @@ impl<K: Kernel + Send + 'static> DataPlane<K> {
     ///
     /// The buses named in `adopt` are cross-node meshes, whose external interfaces (tunnel pair
     /// and physical controller) only the tunnel loop knows, later: each keeps those its
-    /// members are meshed with in the kernel now ([`adopt_externals`]), so that the reconcile
+    /// members are meshed with in the kernel now ([`Buses::adopt_externals`]), so that the reconcile
     /// does not cut the members off the other nodes until the next tunnel pass.
     pub async fn reconcile(
         &self,
@@ -132,7 +131,7 @@ impl<K: Kernel + Send + 'static> DataPlane<K> {
         adopt: BTreeSet<String>,
     ) -> Result<ReconcileReport, PlaneError> {
         self.run(move |buses| {
-            adopt_externals(buses.kernel_mut(), &mut desired, &adopt)?;
+            buses.adopt_externals(&mut desired, &adopt)?;
             let report = buses.reconcile(desired)?;
             for skipped in &report.skipped {
                 if let Err(error) = buses.leave(&skipped.bus, &skipped.member) {
@@ -160,164 +159,33 @@ impl<K: Kernel + Send + 'static> DataPlane<K> {
         .await
     }
 
-    /// The tunnel pair ends on the host ([`is_tunnel_link`]).
+    /// The tunnel pair ends on the host ([`Buses::tunnel_links`]).
     pub async fn tunnel_links(&self) -> Result<Vec<String>, PlaneError> {
-        self.run(|buses| {
-            let links = buses.kernel_mut().host_links()?;
-            Ok(links
-                .into_iter()
-                .map(|link| link.name)
-                .filter(|name| is_tunnel_link(name))
-                .collect())
-        })
-        .await
+        self.run(|buses| Ok(buses.tunnel_links()?)).await
     }
 
-    /// Deletes the leftover tunnel link `name` (its pair goes with it), if there is one. A
-    /// mesh that still has it as its tunnel (adopted at start-up, see
-    /// [`reconcile`](Self::reconcile)) loses its external interfaces first.
+    /// Deletes the leftover tunnel link `name` and its pair, taking it out of a mesh that
+    /// still has it ([`Buses::delete_tunnel_link`]).
     pub async fn delete_host_link(&self, name: &str) -> Result<(), PlaneError> {
         let name = name.to_owned();
-        self.run(move |buses| {
-            let meshes: Vec<String> = buses
-                .state()
-                .buses
-                .iter()
-                .filter(|bus| bus.tunnel.as_deref() == Some(name.as_str()))
-                .map(|bus| bus.name.clone())
-                .collect();
-            for mesh in meshes {
-                buses.set_externals(&mesh, None, None)?;
-            }
-            delete_named(buses.kernel_mut(), &name)
-        })
-        .await
+        self.run(move |buses| Ok(buses.delete_tunnel_link(&name)?))
+            .await
     }
 
-    /// Makes sure the tunnel pair `mesh.tunnel` / `tunnel_link` exists, up and with the mesh's
-    /// MTU, and that it (with `mesh.physical`) is an external interface of the mesh, which is
-    /// added if it does not exist yet.
+    /// Makes sure the tunnel pair `mesh.tunnel` / `tunnel_link` exists and is an external
+    /// interface of the mesh ([`Buses::attach_tunnel`]).
     pub async fn attach_tunnel(&self, mesh: BusSpec, tunnel_link: &str) -> Result<(), PlaneError> {
         let tunnel_link = tunnel_link.to_owned();
-        self.run(move |buses| {
-            let Some(mesh_link) = mesh.tunnel.clone() else {
-                return Ok(());
-            };
-            let mtu = if mesh.fd { CANFD_MTU } else { CAN_MTU };
-            let kernel = buses.kernel_mut();
-            let links = kernel.host_links()?;
-            let find = |name: &str| links.iter().find(|link| link.name == name);
-            let intact = [&mesh_link, &tunnel_link]
-                .iter()
-                .all(|name| find(name).is_some_and(|link| link.mtu == mtu && link.up));
-            if !intact {
-                for name in [&mesh_link, &tunnel_link] {
-                    if let Some(link) = find(name) {
-                        kernel.delete_link(link.ifindex)?;
-                    }
-                }
-                kernel.create_pair(&PairRequest {
-                    host_name: mesh_link.clone(),
-                    netns: own_namespace(),
-                    pod_name: tunnel_link.clone(),
-                    mtu,
-                })?;
-            }
-            if buses.state().bus(&mesh.name).is_none() {
-                buses.add_bus(mesh)?;
-            } else {
-                buses.set_externals(&mesh.name, mesh.physical.clone(), Some(mesh_link))?;
-            }
-            Ok(())
-        })
-        .await
+        self.run(move |buses| Ok(buses.attach_tunnel(mesh, &tunnel_link)?))
+            .await
     }
 
-    /// Takes the tunnel pair (and the physical attachment) out of mesh `mesh` (removing the
-    /// mesh when no member is left) and deletes both pair ends.
+    /// Takes the tunnel pair out of mesh `mesh` and deletes both ends
+    /// ([`Buses::detach_tunnel`]).
     pub async fn detach_tunnel(&self, mesh: &str, links: [&str; 2]) -> Result<(), PlaneError> {
         let mesh = mesh.to_owned();
         let links = links.map(str::to_owned);
-        self.run(move |buses| {
-            if let Some(bus) = buses.state().bus(&mesh) {
-                if bus.members.is_empty() {
-                    buses.remove_bus(&mesh)?;
-                } else {
-                    buses.set_externals(&mesh, None, None)?;
-                }
-            }
-            for name in &links {
-                delete_named(buses.kernel_mut(), name)?;
-            }
-            Ok(())
-        })
-        .await
+        self.run(move |buses| Ok(buses.detach_tunnel(&mesh, [&links[0], &links[1]])?))
+            .await
     }
-}
-
-/// Gives every bus of `desired` named in `adopt` that has members but no external interfaces
-/// those its members' host ends have can-gw rules with in the kernel: a tunnel pair end
-/// ([`is_tunnel_link`]) as its tunnel, any other link that is not a member's as its physical
-/// controller.
-pub fn adopt_externals<K: Kernel>(
-    kernel: &mut K,
-    desired: &mut DesiredState,
-    adopt: &BTreeSet<String>,
-) -> Result<(), KernelError> {
-    let mut wanted: Vec<&mut BusSpec> = desired
-        .buses
-        .iter_mut()
-        .filter(|bus| {
-            adopt.contains(&bus.name)
-                && !bus.members.is_empty()
-                && bus.physical.is_none()
-                && bus.tunnel.is_none()
-        })
-        .collect();
-    if wanted.is_empty() {
-        return Ok(());
-    }
-    let links = kernel.host_links()?;
-    let rules = kernel.rules()?;
-    let ifindex = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.ifindex);
-    for bus in &mut wanted {
-        let hosts: BTreeSet<u32> = bus
-            .members
-            .iter()
-            .filter_map(|member| ifindex(&host_name(&member.id)))
-            .collect();
-        for rule in &rules {
-            let other = match (hosts.contains(&rule.src), hosts.contains(&rule.dst)) {
-                (true, false) => rule.dst,
-                (false, true) => rule.src,
-                _ => continue,
-            };
-            let Some(link) = links.iter().find(|l| l.ifindex == other) else {
-                continue;
-            };
-            if is_owned(&link.name) {
-                continue;
-            }
-            let slot = if is_tunnel_link(&link.name) {
-                &mut bus.tunnel
-            } else {
-                &mut bus.physical
-            };
-            slot.get_or_insert_with(|| link.name.clone());
-        }
-    }
-    Ok(())
-}
-
-fn delete_named<K: Kernel>(kernel: &mut K, name: &str) -> Result<(), PlaneError> {
-    let links = kernel.host_links()?;
-    if let Some(link) = links.iter().find(|link| link.name == name) {
-        kernel.delete_link(link.ifindex)?;
-    }
-    Ok(())
-}
-
-/// The daemon's own network namespace, where tunnel pairs live with both ends.
-fn own_namespace() -> NetnsRef {
-    NetnsRef::Path(std::path::PathBuf::from("/proc/self/ns/net"))
 }

@@ -32,6 +32,15 @@ pub enum TestkitError {
         /// What was wrong.
         detail: String,
     },
+    /// A child process could not be checked on or signalled.
+    #[error("{action}: {source}")]
+    Process {
+        /// What was being done.
+        action: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Something did not happen in time.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -1,4 +1,5 @@
-//! Test support for can-dra's kernel tests.
+//! Test support for can-dra's kernel tests, and the node daemon launcher the demo shares with
+//! the tests.
 //!
 //! It owns the fixtures and the independent observers those tests rely on:
 //! - [`namespace`]: throw-away network namespaces ([`TestNetns`]) removed on drop, and a way to
@@ -6,6 +7,8 @@
 //! - [`candump`]: capture frames with `candump -L` and parse them; send with `cansend`.
 //! - [`observe`]: what iproute2 and can-utils report (`ip -d -j link`, `cangw -L`, `tc -s -j`),
 //!   parsed into small structs.
+//! - [`daemon`]: the node daemon binary as a child process with its directories and log, for
+//!   the demo and the tests that run it.
 //! - [`podman`]: podman + crun with private storage and configuration, as a real CDI consumer,
 //!   and its containers as places to run the observers.
 //!
@@ -17,6 +20,7 @@
 
 pub mod candump;
 pub mod command;
+pub mod daemon;
 pub mod namespace;
 pub mod observe;
 pub mod podman;

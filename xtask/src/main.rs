@@ -7,6 +7,7 @@
 mod artifacts;
 mod cpio;
 mod demo;
+mod imports;
 mod initramfs;
 mod kernel;
 mod prerequisites;
@@ -40,6 +41,8 @@ enum Task {
     /// The README's main command: the local demo (pods sharing a CAN bus) on the real kernel, natively when the
     /// host kernel has CAN, else in the VM.
     Demo(VmFlags),
+    /// Check that no crate has an import circle between its modules (also a lint stage of `test`).
+    Imports,
 }
 
 #[derive(Debug, clap::Args)]
@@ -142,6 +145,9 @@ fn main() {
             suite::run(&options).map(exit_code)
         }
         Task::Demo(flags) => demo::run(&flags.options()).map(exit_code),
+        Task::Imports => suite::workspace_root()
+            .and_then(|root| imports::check_workspace(&root))
+            .map(|()| 0),
         Task::KernelTests(args) => {
             suite::run_kernel_only(&args.options(false, false, true)).map(exit_code)
         }

@@ -78,6 +78,7 @@ pub fn run(options: &Options) -> Result<bool> {
 
     if options.lint {
         stages.push(lint("fmt", &root, &["fmt", "--all", "--", "--check"]));
+        stages.push(import_circles(&root));
         stages.push(lint(
             "clippy",
             &root,
@@ -251,6 +252,20 @@ fn probe_host_kernel() -> Result<()> {
         bail!("no can-gw module");
     }
     Ok(())
+}
+
+/// The import-circle check ([`crate::imports`]), in-process.
+fn import_circles(root: &Path) -> Stage {
+    eprintln!("==> import circles");
+    let started = Instant::now();
+    let (status, note) = match crate::imports::check_workspace(root) {
+        Ok(()) => (Status::Passed, String::new()),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            (Status::Failed, format!("{err:#}"))
+        }
+    };
+    stage("imports", status, None, started, false, note)
 }
 
 /// A lint command: passes when it exits 0.

@@ -65,7 +65,8 @@ impl<K: Kernel> Buses<K> {
         &self.state
     }
 
-    /// The kernel implementation.
+    /// The kernel implementation, for tests that inspect or rig it.
+    #[cfg(any(test, feature = "fake"))]
     pub fn kernel_mut(&mut self) -> &mut K {
         &mut self.kernel
     }

@@ -13,10 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Map, Value};
 
 use super::failure::Failure;
-use super::store::{
-    CLUSTER_CUSTOM_FIELDS, DELETED, FieldLabels, FieldTerm, META_FIELDS, MODIFIED, POD_FIELDS,
-    Store, added_or_modified,
-};
+use super::fields::{CLUSTER_CUSTOM_FIELDS, FieldLabels, FieldTerm, META_FIELDS, POD_FIELDS};
+use super::store::{DELETED, MODIFIED, Store, added_or_modified};
 
 /// How the double treats one kind of document.
 #[derive(Debug)]

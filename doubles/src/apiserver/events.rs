@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::store::{FieldTerm, fields_match};
+use super::fields::{FieldTerm, fields_match};
 
 /// How many events the history keeps; a watch from an older resourceVersion gets 410 Gone.
 const HISTORY: usize = 4096;

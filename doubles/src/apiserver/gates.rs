@@ -42,9 +42,7 @@ use std::fmt;
 
 use k8s_openapi::api::resource::v1::{Device, ResourceSlice};
 
-use super::ApiServer;
-use super::routes::lock;
-use super::store::Store;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// The feature gates the double knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,7 +103,7 @@ impl fmt::Display for FeatureGate {
 /// The gates a test set explicitly; the others follow the minor version.
 #[derive(Debug, Default)]
 pub(crate) struct FeatureGates {
-    overrides: BTreeMap<FeatureGate, bool>,
+    pub(crate) overrides: BTreeMap<FeatureGate, bool>,
 }
 
 impl FeatureGates {
@@ -166,25 +164,26 @@ fn consumable_capacity_in_use(slice: &ResourceSlice) -> bool {
     })
 }
 
-/// `SetDefaults_DeviceTaint`: a taint without `timeAdded` was added now.
-fn default_taint_times(slice: &mut ResourceSlice) {
+/// `SetDefaults_DeviceTaint`: a taint without `timeAdded` was added `now`.
+fn default_taint_times(slice: &mut ResourceSlice, now: Time) {
     for taint in devices_mut(slice).flat_map(|d| d.taints.iter_mut().flatten()) {
         if taint.time_added.is_none() {
-            taint.time_added = Some(super::store::now());
+            taint.time_added = Some(now.clone());
         }
     }
 }
 
-impl Store {
-    fn gate(&self, gate: FeatureGate) -> bool {
-        self.gates.enabled(gate, self.rbac.minor())
+impl FeatureGates {
+    /// Whether `gate` is on when serving Kubernetes `1.<minor>`: its override, else its default.
+    pub(crate) fn gate(&self, minor: u32, gate: FeatureGate) -> bool {
+        self.enabled(gate, minor)
     }
 
-    /// Defaults a ResourceSlice to be created and drops the fields of disabled gates
-    /// (`PrepareForCreate`).
-    pub(crate) fn prepare_slice_create(&self, new: &mut ResourceSlice) {
-        default_taint_times(new);
-        self.drop_disabled_fields(new, None);
+    /// Defaults a ResourceSlice to be created at `now` and drops the fields of gates disabled
+    /// in `1.<minor>` (`PrepareForCreate`).
+    pub(crate) fn prepare_slice_create(&self, minor: u32, now: Time, new: &mut ResourceSlice) {
+        default_taint_times(new, now);
+        self.drop_disabled_fields(minor, new, None);
     }
 
     /// Defaults the new version of a stored ResourceSlice and drops the fields of disabled gates
@@ -193,25 +192,33 @@ impl Store {
     /// moves `generation`).
     pub(crate) fn prepare_slice_update(
         &self,
+        minor: u32,
+        now: Time,
         new: &mut ResourceSlice,
         old: &ResourceSlice,
     ) -> bool {
-        default_taint_times(new);
+        default_taint_times(new, now);
         let spec_changed = new.spec != old.spec;
-        self.drop_disabled_fields(new, Some(old));
+        self.drop_disabled_fields(minor, new, Some(old));
         spec_changed
     }
 
     /// `dropDisabledFields`.
-    fn drop_disabled_fields(&self, new: &mut ResourceSlice, old: Option<&ResourceSlice>) {
+    fn drop_disabled_fields(
+        &self,
+        minor: u32,
+        new: &mut ResourceSlice,
+        old: Option<&ResourceSlice>,
+    ) {
         let in_use = |check: fn(&ResourceSlice) -> bool| old.is_some_and(check);
 
-        if !self.gate(FeatureGate::DraDeviceTaints) && !in_use(taints_in_use) {
+        if !self.gate(minor, FeatureGate::DraDeviceTaints) && !in_use(taints_in_use) {
             for device in devices_mut(new) {
                 device.taints = None;
             }
         }
-        if !self.gate(FeatureGate::DraPartitionableDevices) && !in_use(partitionable_in_use) {
+        if !self.gate(minor, FeatureGate::DraPartitionableDevices) && !in_use(partitionable_in_use)
+        {
             new.spec.shared_counters = None;
             new.spec.per_device_node_selection = None;
             for device in devices_mut(new) {
@@ -221,8 +228,8 @@ impl Store {
                 device.all_nodes = None;
             }
         }
-        let binding_conditions = self.gate(FeatureGate::DraDeviceBindingConditions)
-            && self.gate(FeatureGate::DraResourceClaimDeviceStatus);
+        let binding_conditions = self.gate(minor, FeatureGate::DraDeviceBindingConditions)
+            && self.gate(minor, FeatureGate::DraResourceClaimDeviceStatus);
         if !binding_conditions && !in_use(binding_conditions_in_use) {
             for device in devices_mut(new) {
                 device.binding_conditions = None;
@@ -230,7 +237,9 @@ impl Store {
                 device.binds_to_node = None;
             }
         }
-        if !self.gate(FeatureGate::DraConsumableCapacity) && !in_use(consumable_capacity_in_use) {
+        if !self.gate(minor, FeatureGate::DraConsumableCapacity)
+            && !in_use(consumable_capacity_in_use)
+        {
             for device in devices_mut(new) {
                 device.allow_multiple_allocations = None;
                 for capacity in device.capacity.iter_mut().flat_map(|c| c.values_mut()) {
@@ -238,19 +247,6 @@ impl Store {
                 }
             }
         }
-    }
-}
-
-impl ApiServer {
-    /// Turns `gate` on or off, overriding its default for the served minor version (see
-    /// [`gates`](self)). Takes effect from the next request.
-    pub fn set_feature_gate(&self, gate: FeatureGate, enabled: bool) {
-        lock(&self.shared).gates.overrides.insert(gate, enabled);
-    }
-
-    /// Whether `gate` is on now (its override, else its default for the served minor version).
-    pub fn feature_gate(&self, gate: FeatureGate) -> bool {
-        lock(&self.shared).gate(gate)
     }
 }
 

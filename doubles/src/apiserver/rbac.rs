@@ -51,12 +51,9 @@ use http::StatusCode;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
-use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, AllocationResult};
+use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, AllocationResult, ResourceClaim};
 
-use super::ApiServer;
 use super::failure::Failure;
-use super::routes::{Target, lock};
-use super::store::Store;
 use super::validate::is_dns_subdomain;
 
 /// The user-info extra key of a pod-bound ServiceAccount token that names the pod's node
@@ -345,9 +342,9 @@ impl Attributes<'_> {
 #[derive(Debug)]
 pub(crate) struct Authz {
     /// `None` until a test turns RBAC on.
-    policy: Option<RbacPolicy>,
-    tokens: BTreeMap<String, User>,
-    minor: u32,
+    pub(crate) policy: Option<RbacPolicy>,
+    pub(crate) tokens: BTreeMap<String, User>,
+    pub(crate) minor: u32,
 }
 
 impl Default for Authz {
@@ -421,16 +418,25 @@ fn selected_name(query: &[(String, String)]) -> Option<String> {
     })
 }
 
+/// Where a request points, parsed from its path.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) group: String,
+    pub(crate) resource: String,
+    pub(crate) subresource: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: Option<String>,
+}
+
 /// Authenticates and authorizes a request to `target`: the user it comes from, or `None` while
 /// RBAC is off; 401 for an unknown token, 403 for a request no bound rule allows.
 pub(crate) fn authorize(
-    store: &Store,
+    authz: &Authz,
     method: &str,
     target: &Target,
     query: &[(String, String)],
     token: Option<&str>,
 ) -> Result<Option<User>, Failure> {
-    let authz = &store.rbac;
     if authz.policy.is_none() {
         return Ok(None);
     }
@@ -455,45 +461,27 @@ pub(crate) fn authorize(
     Ok(Some(user))
 }
 
-/// `AuthorizedForDeviceStatus` for a server-side apply of `status.devices` (verb `patch`) by
-/// `manager` to claim `namespace/name`. Checked only with RBAC on (`user` is `Some`) and from
-/// 1.36 on; a write the store would refuse anyway is left to the store.
+/// `AuthorizedForDeviceStatus` for a server-side apply of `status.devices` (verb `patch`) to a
+/// claim `namespace/name` whose devices were `old_devices` and that the apply would leave as
+/// `updated` (the store's preview). Checked only with RBAC on (`user` is `Some`) and from 1.36
+/// on; a write the store would refuse anyway is left to the store.
 pub(crate) fn authorize_device_status(
-    store: &Store,
+    authz: &Authz,
     user: Option<&User>,
     namespace: &str,
     name: &str,
-    applied: &[AllocatedDeviceStatus],
-    manager: &str,
-    force: bool,
+    old_devices: &[AllocatedDeviceStatus],
+    updated: ResourceClaim,
 ) -> Result<(), Failure> {
     let Some(user) = user else {
         return Ok(());
     };
-    if store.rbac.minor < GRANULAR_STATUS_AUTHORIZATION_SINCE {
+    if authz.minor < GRANULAR_STATUS_AUTHORIZATION_SINCE {
         return Ok(());
     }
-    let key = (namespace.to_owned(), name.to_owned());
-    let Some(stored) = store.claims.get(&key) else {
-        return Ok(());
-    };
-    // The claim as the apply would leave it, computed on a copy so the store stays untouched.
-    let mut scratch = Store::default();
-    scratch.claims.insert(key, stored.clone());
-    let Ok(updated) =
-        scratch.apply_claim_devices(namespace, name, applied.to_vec(), manager, force)
-    else {
-        return Ok(());
-    };
-    let old_devices = stored
-        .claim
-        .status
-        .as_ref()
-        .and_then(|s| s.devices.clone())
-        .unwrap_or_default();
     let new_status = updated.status.unwrap_or_default();
     let new_devices = new_status.devices.unwrap_or_default();
-    let drivers = modified_drivers(&new_devices, &old_devices);
+    let drivers = modified_drivers(&new_devices, old_devices);
     if drivers.is_empty() {
         return Ok(());
     }
@@ -523,7 +511,7 @@ pub(crate) fn authorize_device_status(
                 name: Some(driver.clone()),
             })
             .collect();
-        if attempts.iter().any(|a| store.rbac.allows(a)) {
+        if attempts.iter().any(|a| authz.allows(a)) {
             continue;
         }
         // `checkDriverAuthorization` reports the first verb's denial.
@@ -613,30 +601,6 @@ fn associated_with_node(user: &User, allocated: Option<&str>) -> bool {
     match user.extra.get(NODE_NAME_KEY).map(Vec::as_slice) {
         Some([node]) => is_dns_subdomain(node, 253) && node == allocated,
         _ => false,
-    }
-}
-
-impl ApiServer {
-    /// Turns authentication and RBAC on with `policy` (see [`rbac`](self)): from now on every
-    /// request needs a token registered with [`add_token`](Self::add_token) (or is anonymous) and
-    /// a bound rule that allows it. Calling it again replaces the policy.
-    pub fn enable_rbac(&self, policy: RbacPolicy) {
-        lock(&self.shared).rbac.policy = Some(policy);
-    }
-
-    /// Makes bearer token `token` authenticate as `user`, e.g.
-    /// `User::service_account("can-dra", "can-dra-kubelet-plugin").on_node("node-a")`.
-    pub fn add_token(&self, token: &str, user: User) {
-        lock(&self.shared)
-            .rbac
-            .tokens
-            .insert(token.to_owned(), user);
-    }
-
-    /// Serves as Kubernetes `1.<minor>` (1.34 until set): from 1.36 on, writes of
-    /// `status.devices` are authorized per driver on `resourceclaims/driver` (with RBAC on).
-    pub fn set_minor_version(&self, minor: u32) {
-        lock(&self.shared).rbac.minor = minor;
     }
 }
 

@@ -2,8 +2,6 @@
 //! decodes bodies into k8s-openapi types (or checks JSON documents), calls the store, opens watch
 //! streams, and records every request with the client's bearer token.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -17,30 +15,13 @@ use serde_json::{Value, json};
 use super::documents::{self, DocumentKind, Part, Precondition, merge_patch};
 use super::events::{self, Opened};
 use super::failure::Failure;
-use super::rbac;
-use super::store::{self, Store};
+use super::fields::{self, FieldLabels, parse_field_selector};
+use super::rbac::{self, Target};
+use super::store::{Shared, Store, lock};
 use super::{ENDPOINTS, Endpoint, RecordedRequest};
-
-/// State shared by the server task and the test's [`ApiServer`](super::ApiServer) handle.
-pub(crate) type Shared = Arc<Mutex<Store>>;
-
-/// Locks the store; a panic in another request must not hide the state from the test.
-pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, Store> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 const APPLY_PATCH: &str = "application/apply-patch+yaml";
 const MERGE_PATCH: &str = "application/merge-patch+json";
-
-/// Where a request points, parsed from its path.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Target {
-    pub(crate) group: String,
-    pub(crate) resource: String,
-    pub(crate) subresource: Option<String>,
-    pub(crate) namespace: Option<String>,
-    pub(crate) name: Option<String>,
-}
 
 fn parse_path(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -136,7 +117,9 @@ pub(crate) async fn handle(
     let injected = store.take_injected(method.as_str(), uri.path());
     // Authentication and authorization come first, as in kube-apiserver's filter chain.
     let user = match (&injected, &target) {
-        (None, Some(t)) => rbac::authorize(&store, method.as_str(), t, &query, token.as_deref()),
+        (None, Some(t)) => {
+            rbac::authorize(&store.rbac, method.as_str(), t, &query, token.as_deref())
+        }
         _ => Ok(None),
     };
     let outcome = match (injected, &target, endpoint, user) {
@@ -302,12 +285,12 @@ fn ok(value: Value) -> Outcome {
 }
 
 /// The field labels a list or watch of `resource` may select on.
-fn selectable(resource: &str) -> &'static store::FieldLabels {
+fn selectable(resource: &str) -> &'static FieldLabels {
     match resource {
-        "nodes" => &store::NODE_FIELDS,
-        "resourceslices" => &store::SLICE_FIELDS,
-        "resourceclaims" => &store::META_FIELDS,
-        other => documents::kind_of(other).map_or(&store::META_FIELDS, |k| k.selectable),
+        "nodes" => &fields::NODE_FIELDS,
+        "resourceslices" => &fields::SLICE_FIELDS,
+        "resourceclaims" => &fields::META_FIELDS,
+        other => documents::kind_of(other).map_or(&fields::META_FIELDS, |k| k.selectable),
     }
 }
 
@@ -399,7 +382,7 @@ fn open_watch(
     request: &Request<'_>,
 ) -> Outcome {
     request.reject_labels()?;
-    let fields = store::parse_field_selector(
+    let fields = parse_field_selector(
         request.param("fieldSelector").unwrap_or_default(),
         selectable(endpoint.resource),
     )?;
@@ -447,7 +430,7 @@ fn serve(
         ("nodes", None, "get") => ok(to_json(&store.node(name)?)),
         ("nodes", None, "list") => {
             request.reject_labels()?;
-            let terms = store::parse_field_selector(
+            let terms = parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
                 selectable("nodes"),
             )?;
@@ -458,7 +441,7 @@ fn serve(
         ("resourceclaims", None, "get") => ok(to_json(&store.claim(namespace, name)?)),
         ("resourceclaims", None, "list") => {
             request.reject_labels()?;
-            let terms = store::parse_field_selector(
+            let terms = parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
                 selectable("resourceclaims"),
             )?;
@@ -468,22 +451,25 @@ fn serve(
         ("resourceclaims", Some("status"), "patch") => {
             let (value, manager, force) = request.apply()?;
             let devices = claim_status_devices(value, name)?;
-            rbac::authorize_device_status(
-                store,
-                request.user,
-                namespace,
-                name,
-                &devices,
-                &manager,
-                force,
-            )?;
+            if let Some((old, updated)) =
+                store.preview_claim_devices(namespace, name, &devices, &manager, force)
+            {
+                rbac::authorize_device_status(
+                    &store.rbac,
+                    request.user,
+                    namespace,
+                    name,
+                    &old,
+                    updated,
+                )?;
+            }
             ok(to_json(&store.apply_claim_devices(
                 namespace, name, devices, &manager, force,
             )?))
         }
         ("resourceslices", None, "list") => {
             request.reject_labels()?;
-            let terms = store::parse_field_selector(
+            let terms = parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
                 selectable("resourceslices"),
             )?;
@@ -561,7 +547,7 @@ fn serve_document(
         "get" => ok(store.document(kind, namespace, name)?),
         "list" => {
             request.reject_labels()?;
-            let terms = store::parse_field_selector(
+            let terms = parse_field_selector(
                 request.param("fieldSelector").unwrap_or_default(),
                 kind.selectable,
             )?;

@@ -4,6 +4,7 @@
 //! simplified server-side apply, and a watch event for every change (see `events`).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, ResourceClaim, ResourceSlice};
@@ -15,6 +16,7 @@ use serde_json::Value;
 use super::RecordedRequest;
 use super::events::{Event, EventLog};
 use super::failure::Failure;
+use super::fields::{FieldTerm, fields_match};
 use super::validate;
 
 /// `plural.group` of the resources, as kube-apiserver names them in messages.
@@ -56,180 +58,16 @@ pub(crate) struct StoredClaim {
     pub(crate) device_owners: BTreeMap<DeviceKey, String>,
 }
 
-/// One `key=value` (or `key!=value`) term of a field selector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FieldTerm {
-    pub(crate) field: String,
-    pub(crate) value: String,
-    pub(crate) equal: bool,
-}
-
-/// How kube-apiserver words the refusal of a field label, which depends on where the resource's
-/// field label conversion lives.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Refusal {
-    /// `field label not supported: <label>`: core/v1 kinds (`pkg/apis/core/v1/conversion.go`
-    /// `addConversionFuncs`) and custom resources (apiextensions-apiserver
-    /// `pkg/apiserver/conversion/converter.go` `crConverter.ConvertFieldLabel`).
-    Plain,
-    /// `field label not supported for <group/version, Kind=kind>: <label>`: resource.k8s.io/v1
-    /// ResourceSlices (`pkg/apis/resource/v1/conversion.go` `addConversionFuncs`).
-    ForKind(&'static str),
-    /// `"<label>" is not a known field selector: only "metadata.name", "metadata.namespace"`:
-    /// kinds without a conversion function of their own (apimachinery `pkg/runtime/conversion.go`
-    /// `DefaultMetaV1FieldSelectorConversion`, reached from `Scheme.ConvertFieldLabel`).
-    DefaultMeta,
-}
-
-/// The field labels a list or watch of one resource may select on, as kube-apiserver converts
-/// them before it filters (`handlers/get.go` `ListResource`: a label the conversion refuses is a
-/// 400 BadRequest with the conversion's message).
-#[derive(Debug)]
-pub(crate) struct FieldLabels {
-    /// The labels accepted as they are.
-    pub(crate) accepted: &'static [&'static str],
-    /// Old labels the server rewrites, as (old, current).
-    pub(crate) aliases: &'static [(&'static str, &'static str)],
-    pub(crate) refusal: Refusal,
-}
-
-impl FieldLabels {
-    /// The label a selector term selects on, or the 400 kube-apiserver answers.
-    fn convert(&self, label: &str) -> Result<&'static str, Failure> {
-        if let Some(known) = self.accepted.iter().find(|known| **known == label) {
-            return Ok(known);
-        }
-        if let Some((_, current)) = self.aliases.iter().find(|(old, _)| *old == label) {
-            return Ok(current);
-        }
-        Err(Failure::bad_request(match self.refusal {
-            Refusal::Plain => format!("field label not supported: {label}"),
-            Refusal::ForKind(kind) => format!("field label not supported for {kind}: {label}"),
-            Refusal::DefaultMeta => format!(
-                "{label:?} is not a known field selector: only \"metadata.name\", \"metadata.namespace\""
-            ),
-        }))
-    }
-}
-
-/// ResourceSlices: `pkg/apis/resource/v1/conversion.go` `addConversionFuncs`.
-pub(crate) const SLICE_FIELDS: FieldLabels = FieldLabels {
-    accepted: &["metadata.name", "spec.nodeName", "spec.driver"],
-    aliases: &[],
-    refusal: Refusal::ForKind("resource.k8s.io/v1, Kind=ResourceSlice"),
-};
-
-/// Kinds without a field label conversion of their own (ResourceClaims, Leases):
-/// `DefaultMetaV1FieldSelectorConversion`.
-pub(crate) const META_FIELDS: FieldLabels = FieldLabels {
-    accepted: &["metadata.name", "metadata.namespace"],
-    aliases: &[],
-    refusal: Refusal::DefaultMeta,
-};
-
-/// Nodes: `pkg/apis/core/v1/conversion.go` `addConversionFuncs`.
-pub(crate) const NODE_FIELDS: FieldLabels = FieldLabels {
-    accepted: &["metadata.name", "spec.unschedulable"],
-    aliases: &[],
-    refusal: Refusal::Plain,
-};
-
-/// Pods: `pkg/apis/core/v1/conversion.go` `addConversionFuncs` (`spec.host` is the old name of
-/// `spec.nodeName`).
-pub(crate) const POD_FIELDS: FieldLabels = FieldLabels {
-    accepted: &[
-        "metadata.name",
-        "metadata.namespace",
-        "spec.nodeName",
-        "spec.restartPolicy",
-        "spec.schedulerName",
-        "spec.serviceAccountName",
-        "spec.hostNetwork",
-        "status.phase",
-        "status.podIP",
-        "status.podIPs",
-        "status.nominatedNodeName",
-    ],
-    aliases: &[("spec.host", "spec.nodeName")],
-    refusal: Refusal::Plain,
-};
-
-/// A cluster-scoped custom resource without `selectableFields` (CanBus): only `metadata.name`
-/// (`crConverter.ConvertFieldLabel`; `metadata.namespace` is for namespaced ones only).
-pub(crate) const CLUSTER_CUSTOM_FIELDS: FieldLabels = FieldLabels {
-    accepted: &["metadata.name"],
-    aliases: &[],
-    refusal: Refusal::Plain,
-};
-
-/// Parses a field selector such as `spec.nodeName=node-a,spec.driver=can.dra.dev`, accepting only
-/// the labels `labels` allows (kube-apiserver refuses the others with 400).
-pub(crate) fn parse_field_selector(
-    selector: &str,
-    labels: &FieldLabels,
-) -> Result<Vec<FieldTerm>, Failure> {
-    let mut terms = Vec::new();
-    for term in selector.split(',').filter(|t| !t.trim().is_empty()) {
-        let (field, value, equal) = if let Some((f, v)) = term.split_once("!=") {
-            (f, v, false)
-        } else if let Some((f, v)) = term.split_once("==") {
-            (f, v, true)
-        } else if let Some((f, v)) = term.split_once('=') {
-            (f, v, true)
-        } else {
-            return Err(Failure::bad_request(format!(
-                "invalid selector: '{selector}'; can't understand '{term}'"
-            )));
-        };
-        let field = labels.convert(field.trim())?;
-        terms.push(FieldTerm {
-            field: field.to_owned(),
-            value: value.trim().to_owned(),
-            equal,
-        });
-    }
-    Ok(terms)
-}
-
-/// The value field label `field` has on `object` (JSON), as the resource's `...ToSelectableFields`
-/// function computes it: a string field as is (empty when absent), booleans as `true`/`false`
-/// (`spec.hostNetwork` and `spec.unschedulable` default to `false`), and the first pod IP for
-/// `status.podIP` (`pkg/registry/core/pod/strategy.go` `ToSelectableFields`).
-pub(crate) fn field_value(object: &Value, field: &str) -> String {
-    let at = |path: &str| {
-        path.split('.')
-            .try_fold(object, |value, key| value.get(key))
-            .cloned()
-    };
-    match field {
-        "spec.hostNetwork" | "spec.unschedulable" => at(field)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-            .to_string(),
-        "status.podIP" | "status.podIPs" => object
-            .pointer("/status/podIPs/0/ip")
-            .or_else(|| object.pointer("/status/podIP"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
-        _ => match at(field) {
-            Some(Value::String(s)) => s,
-            Some(Value::Bool(b)) => b.to_string(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => String::new(),
-        },
-    }
-}
-
-/// Whether `object` (JSON) satisfies every term.
-pub(crate) fn fields_match(terms: &[FieldTerm], object: &Value) -> bool {
-    terms
-        .iter()
-        .all(|t| (field_value(object, &t.field) == t.value) == t.equal)
-}
-
 fn selected<T: serde::Serialize>(terms: &[FieldTerm], object: &T) -> bool {
     terms.is_empty() || serde_json::to_value(object).is_ok_and(|v| fields_match(terms, &v))
+}
+
+/// State shared by the server task and the test's [`ApiServer`](super::ApiServer) handle.
+pub(crate) type Shared = Arc<Mutex<Store>>;
+
+/// Locks the store; a panic in another request must not hide the state from the test.
+pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, Store> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The whole state of the double.
@@ -548,7 +386,8 @@ impl Store {
                 "Invalid value: must be unset to create an object",
             ));
         }
-        self.prepare_slice_create(&mut slice);
+        self.gates
+            .prepare_slice_create(self.rbac.minor(), now(), &mut slice);
         validate::slice(&slice)?;
         self.stamp_created(&mut slice.metadata, true);
         self.slices.insert(name, slice.clone());
@@ -622,7 +461,9 @@ impl Store {
         old: ResourceSlice,
         mut new: ResourceSlice,
     ) -> Result<ResourceSlice, Failure> {
-        let spec_changed = self.prepare_slice_update(&mut new, &old);
+        let spec_changed =
+            self.gates
+                .prepare_slice_update(self.rbac.minor(), now(), &mut new, &old);
         validate::slice(&new)?;
         validate::slice_update(&old, &new)?;
         if new == old && !spec_changed {
@@ -654,6 +495,33 @@ impl Store {
             .ok_or_else(|| Failure::not_found(SLICES, name))?;
         self.emit(SLICES_RESOURCE, DELETED, &slice);
         Ok(slice)
+    }
+
+    /// The claim `namespace/name` before and after a server-side apply of `status.devices`
+    /// (its old devices, and the claim as the apply would leave it), computed on a copy so the
+    /// store stays untouched; `None` when there is no such claim or the apply would fail.
+    pub(crate) fn preview_claim_devices(
+        &self,
+        namespace: &str,
+        name: &str,
+        applied: &[AllocatedDeviceStatus],
+        manager: &str,
+        force: bool,
+    ) -> Option<(Vec<AllocatedDeviceStatus>, ResourceClaim)> {
+        let key = (namespace.to_owned(), name.to_owned());
+        let stored = self.claims.get(&key)?;
+        let mut scratch = Store::default();
+        scratch.claims.insert(key, stored.clone());
+        let updated = scratch
+            .apply_claim_devices(namespace, name, applied.to_vec(), manager, force)
+            .ok()?;
+        let old = stored
+            .claim
+            .status
+            .as_ref()
+            .and_then(|s| s.devices.clone())
+            .unwrap_or_default();
+        Some((old, updated))
     }
 }
 

@@ -4,13 +4,12 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use can_dra_doubles::apiserver::ApiServer;
 use can_dra_doubles::kubelet::{KubeletDouble, RegisteredPlugin};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use can_dra_testkit::daemon::{Daemon as TestDaemon, DaemonArgs};
+use nix::sys::signal::Signal;
 
 /// The directories of one node: kept across daemon restarts.
 #[derive(Debug)]
@@ -55,10 +54,11 @@ impl NodeDirs {
     }
 }
 
-/// A running daemon, killed (SIGKILL) on drop if still running.
+/// A running daemon ([`can_dra_testkit::daemon::Daemon`]), killed (SIGKILL) on drop if still
+/// running.
 #[derive(Debug)]
 pub struct Daemon {
-    child: Child,
+    process: TestDaemon,
     /// Its registration, as the kubelet double made it.
     pub plugin: RegisteredPlugin,
     /// Its log file.
@@ -87,34 +87,24 @@ impl Daemon {
             .map(|n| dirs.root.join(format!("daemon-{n}.log")))
             .find(|p| !p.exists())
             .unwrap();
-        let mut command = Command::new(binary);
-        if let Some(filter) = rust_log {
-            command.env("RUST_LOG", filter);
-        }
-        let mut child = command
-            .args(["--node-name", node, "--driver-name", driver])
-            .arg("--kubeconfig")
-            .arg(&dirs.kubeconfig)
-            .arg("--config")
-            .arg(&dirs.config)
-            .arg("--kubelet-plugins-dir")
-            .arg(&dirs.plugins)
-            .arg("--kubelet-registrar-dir")
-            .arg(&dirs.registry)
-            .arg("--cdi-dir")
-            .arg(&dirs.cdi)
-            .arg("--hook-path")
-            .arg(hook)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let args = DaemonArgs {
+            node: node.to_owned(),
+            driver: Some(driver.to_owned()),
+            kubeconfig: dirs.kubeconfig.clone(),
+            config: dirs.config.clone(),
+            registrar_dir: dirs.registry.clone(),
+            plugins_dir: dirs.plugins.clone(),
+            cdi_dir: dirs.cdi.clone(),
+            hook: hook.to_path_buf(),
+        };
+        let env: Vec<(&str, &str)> = rust_log.map(|f| ("RUST_LOG", f)).into_iter().collect();
+        let mut process = TestDaemon::spawn(binary, &args, &env, &log).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = process.exited().unwrap() {
                 panic!(
                     "the daemon exited with {status} before registering: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
+                    process.log_text()
                 );
             }
             // A fresh kubelet each time: a restarted daemon registers anew.
@@ -122,12 +112,16 @@ impl Daemon {
                 .register_driver(driver)
                 .await
             {
-                return Self { child, plugin, log };
+                return Self {
+                    process,
+                    plugin,
+                    log,
+                };
             }
             assert!(
                 Instant::now() < deadline,
                 "the daemon never registered: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                process.log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -135,39 +129,30 @@ impl Daemon {
 
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// SIGKILL, then reaps it.
     pub fn kill9(mut self) {
-        self.signal_and_wait(Signal::SIGKILL);
+        self.process.stop(Signal::SIGKILL, STOP_TIMEOUT).unwrap();
     }
 
     /// SIGTERM, then waits for it; whether it exited successfully.
     pub fn stop(mut self) -> bool {
-        self.signal_and_wait(Signal::SIGTERM).success()
-    }
-
-    fn signal_and_wait(&mut self, signal: Signal) -> std::process::ExitStatus {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        kill(pid, signal).unwrap();
-        self.child.wait().unwrap()
+        self.process
+            .stop(Signal::SIGTERM, STOP_TIMEOUT)
+            .unwrap()
+            .success()
     }
 
     /// The log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+/// How long a signalled daemon may take to exit (the VM is slow).
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The files below `dir` (recursively) whose names mark an interrupted atomic write.
 pub fn temporary_files(dir: &Path) -> Vec<PathBuf> {
