@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -875,14 +875,6 @@ impl CanToPeers {
         self.sender
             .send(&self.shared, Origin::Local, batch, datagram)
             .await;
-    }
-}
-
-/// An IPv6 socket reaches IPv4 peers through their mapped address.
-fn to_v6(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
-        v6 => v6,
     }
 }
 

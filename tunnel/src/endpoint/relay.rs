@@ -15,11 +15,11 @@
 //! With full-mesh node peers every party gets each frame exactly once: a node relays only what
 //! an external peer sent it, to nodes that relay it no further than their own external peers.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::UdpSocket;
 
-use super::{DropReason, Peer, Shared, bump, to_v6};
+use super::{DropReason, Peer, Shared, bump};
 use crate::codec::{Encoder, Frame};
 
 /// What a peer is to an endpoint; it decides where the peer's frames are relayed.
@@ -123,6 +123,14 @@ impl Sender {
                 }
             }
         }
+    }
+}
+
+/// An IPv6 socket reaches IPv4 peers through their mapped address.
+fn to_v6(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+        v6 => v6,
     }
 }
 
